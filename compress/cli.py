@@ -1,0 +1,95 @@
+"""`compress run | inspect | verify`: argument parsing and exit codes only; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from compress.errors import EXIT_INTERNAL, EXIT_OK, CompressError
+
+log = logging.getLogger("compress")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from compress.pipeline import run
+
+    outcome = run(args.recipe, resume=args.resume)
+    sys.stdout.write(
+        json.dumps(
+            {
+                "verdict": outcome.verdict,
+                "exit_code": outcome.exit_code,
+                "artifact": str(outcome.artifact_dir),
+                "report": str(outcome.artifact_dir / "report.json"),
+            }
+        )
+        + "\n"
+    )
+    return outcome.exit_code
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from compress.artifact import describe_artifact
+
+    sys.stdout.write(json.dumps(describe_artifact(Path(args.path)), indent=2) + "\n")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from compress.artifact import verify_artifact
+
+    manifest = verify_artifact(Path(args.path))
+    log.info("%s: all %d files match the manifest", args.path, len(manifest["files"]))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compress",
+        description="Compress a language model and prove the artifact is still good enough.",
+        epilog="exit codes: 0 shipped/ok, 1 internal failure, 2 bad input, 3 rejected by the gate",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe end to end: stages, artifact, eval, gate")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run of this recipe"
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    inspect = sub.add_parser("inspect", help="print what an artifact holds (JSON)")
+    inspect.add_argument("path")
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    verify = sub.add_parser("verify", help="recompute an artifact's hashes against its manifest")
+    verify.add_argument("path")
+    verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CompressError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except Exception:
+        log.exception("internal failure (please report it with the log above)")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Error types and the process exit codes they map to.
+
+Release pipelines read the exit code of `compress run` / `compress verify`, so the mapping
+is part of the public interface (documented in README.md):
+
+    0  shipped (or: the command succeeded)
+    1  internal failure (a bug, or an environment problem we did not anticipate)
+    2  bad input: recipe, model source, data directory, artifact
+    3  rejected by the gate
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_REJECTED = 3
+
+
+class CompressError(Exception):
+    """Base class for errors we raise on purpose; carries its exit code."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class BadInputError(CompressError):
+    """The user gave us something we cannot work with. Raised before long work starts."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class RecipeError(BadInputError):
+    """A recipe file that does not parse or validate."""
+
+
+class ModelSourceError(BadInputError):
+    """A model source that does not exist or cannot be loaded."""
+
+
+class DataError(BadInputError):
+    """A calibration or evaluation data source that is missing or too small."""
+
+
+class PreflightError(BadInputError):
+    """A stage that cannot be applied to the loaded model (names the layers at fault)."""
+
+
+class ArtifactError(BadInputError):
+    """An artifact directory that is missing, incomplete or does not match its manifest."""

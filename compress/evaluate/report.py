@@ -1,0 +1,95 @@
+"""report.json and report.md: what was measured, what was decided, what it cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress.evaluate.gate import GateDecision
+
+
+def build_report(
+    *,
+    recipe_name: str,
+    decision: GateDecision,
+    stages: list[dict[str, Any]],
+    sizes: dict[str, Any],
+    timings: dict[str, float],
+    evaluation: dict[str, Any],
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "recipe": recipe_name,
+        "verdict": decision.verdict,
+        "gate": decision.to_dict(),
+        "source": source,
+        "evaluation": evaluation,
+        "stages": stages,
+        "sizes": sizes,
+        "timings_s": timings,
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _mb(n: int | float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    gate = report["gate"]
+    lines = [
+        f"# {report['recipe']}: {report['verdict'].upper()}",
+        "",
+        f"Source: `{report['source']['display']}` (sha256 `{report['source']['sha256'][:16]}…`)",
+        f"Gate rule: {gate['rule']}.",
+        "",
+        "| task | metric | items | baseline | artifact | drop (pts) | paired 95% CI (pts) "
+        "| budget (pts) | pass |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in gate["tasks"]:
+        paired = t["paired"]
+        budget = "—" if t["max_drop"] is None else _pct(t["max_drop"])
+        lines.append(
+            f"| {t['task']} | {t['metric']} | {paired['n']} | {_pct(t['baseline'])} "
+            f"| {_pct(t['artifact'])} | {_pct(t['drop'])} "
+            f"| [{_pct(paired['ci_low'])}, {_pct(paired['ci_high'])}] | {budget} "
+            f"| {'yes' if t['passed'] else 'NO'} |"
+        )
+    sizes = report["sizes"]
+    lines += [
+        "",
+        "## Size",
+        "",
+        f"- artifact on disk: {_mb(sizes['artifact_bytes'])}",
+    ]
+    if sizes.get("quantized_layers_bytes_before"):
+        lines.append(
+            f"- quantized layers: {_mb(sizes['quantized_layers_bytes_after'])} vs "
+            f"{_mb(sizes['quantized_layers_bytes_before'])} in {sizes['source_dtype']} "
+            f"({sizes['quantized_layers_ratio']:.3f}×)"
+        )
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "| # | stage | summary | time (s) | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for s in report["stages"]:
+        lines.append(
+            f"| {s['index']} | {s['type']} | {s['summary']} | {s['seconds']:.1f} "
+            f"| {_mb(s['peak_rss_bytes'])} |"
+        )
+    lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {step} | {sec:.1f} |" for step, sec in report["timings_s"].items()]
+    ev = report["evaluation"]
+    lines += [
+        "",
+        f"Evaluation: lm-eval {ev.get('lm_eval_version', '?')}, data {ev.get('data_source')}, "
+        f"baseline from cache: {ev.get('baseline_cached')}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,356 @@
+"""The one flow: checks → model → preflight → baseline eval → stages → artifact → eval → gate.
+
+Work in progress lives in `<output>/work/<name>/`:
+
+    state.json          recipe fingerprint, completed stage records, whether the artifact is sealed
+    checkpoint/         the model after the last completed stage (artifact format)
+    artifact/           the sealed artifact, before it is judged
+    eval/<task>.json    the artifact's scores (so an interrupted evaluation is not redone)
+
+`--resume` picks up from there: completed stages are not redone, a sealed artifact is not
+rewritten, scored tasks are not rescored. Baseline scores live in `<output>/cache/baseline/`,
+keyed by the source's sha256 and the task configuration, and are shared by every run.
+The judged artifact finally moves, atomically, to `<output>/release/<name>/` (ship) or
+`<output>/rejected/<name>/` (reject), and the work directory is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import compress.stages  # noqa: F401  (fills the stage registry)
+from compress.artifact import WEIGHTS, load_artifact, save_artifact
+from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError, DataError
+from compress.evaluate import lm_eval_runner
+from compress.evaluate.gate import decide
+from compress.evaluate.lm_eval_runner import TaskResult
+from compress.evaluate.report import build_report, render_markdown
+from compress.fileio import atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
+from compress.quant.linear import QuantLinear
+from compress.recipe import EvalConfig, Recipe, TaskConfig, dump_recipe, load_recipe
+from compress.registry import StageContext, handler_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    verdict: str
+    exit_code: int
+    artifact_dir: Path
+    report: dict[str, Any]
+
+
+@dataclass
+class WorkState:
+    """What survives a kill -9 (state.json)."""
+
+    recipe_fingerprint: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    artifact_sealed: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> WorkState:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.__dict__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path a run touches, derived from the recipe."""
+
+    root: Path
+    name: str
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work" / self.name
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.work / "checkpoint"
+
+    @property
+    def artifact(self) -> Path:
+        return self.work / "artifact"
+
+    def artifact_eval(self, task: str) -> Path:
+        return self.work / "eval" / f"{task}.json"
+
+    def baseline_cache(self, key: str) -> Path:
+        return self.root / "cache" / "baseline" / f"{key}.json"
+
+    def final(self, verdict: str) -> Path:
+        return self.root / ("release" if verdict == "ship" else "rejected") / self.name
+
+
+# --------------------------------------------------------------------------- checks before work
+
+
+def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
+    """Everything that can be checked without loading the model (fast, fails with a path)."""
+    data_dir = lm_eval_runner.resolve_eval_data_dir(recipe.eval)
+    lm_eval_runner.check_tasks(recipe.eval)
+    if recipe.calibration is not None and not Path(recipe.calibration.path).is_file():
+        raise DataError(f"calibration.path: {recipe.calibration.path} does not exist")
+    return resolve_source(recipe.model), data_dir
+
+
+def preflight(model: nn.Module, recipe: Recipe) -> None:
+    """Every stage validates itself against the loaded model before any stage runs.
+
+    Each stage is checked against the model as loaded; a stage whose validity depends on an
+    earlier stage's changes (prune → quantize) must check the planned shapes itself.
+    """
+    for index, stage in enumerate(recipe.stages):
+        try:
+            handler_for(stage).preflight(model, stage)
+        except BadInputError as exc:
+            raise type(exc)(f"stages[{index}] ({stage.type}): {exc}") from None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def task_cache_key(source_sha: str, dtype: str, eval_cfg: EvalConfig, task: TaskConfig) -> str:
+    """Baseline scores depend on the model bytes, dtype, task settings, batch size and seed."""
+    identity = {
+        "source_sha256": source_sha,
+        "dtype": dtype,
+        "task": task.model_dump(mode="json"),
+        "batch_size": eval_cfg.batch_size,
+        "seed": eval_cfg.seed,
+        "lm_eval": lm_eval_runner.lm_eval_version(),
+    }
+    canonical = json.dumps(identity, sort_keys=True).encode()
+    return f"{task.name}-{hashlib.sha256(canonical).hexdigest()[:24]}"
+
+
+def evaluate_cached(
+    model: nn.Module,
+    tokenizer: Any,
+    eval_cfg: EvalConfig,
+    data_dir: Path | None,
+    cache_path_of: dict[str, Path],
+    label: str,
+) -> tuple[dict[str, TaskResult], bool]:
+    """Score every task, reading and writing one JSON per task; returns (results, all cached)."""
+    results: dict[str, TaskResult] = {}
+    for task in eval_cfg.tasks:
+        path = cache_path_of[task.name]
+        if path.is_file():
+            results[task.name] = TaskResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            log.info("%s %s: cached (%s)", label, task.name, path)
+    todo = [t for t in eval_cfg.tasks if t.name not in results]
+    if todo:
+        log.info("%s: scoring %s", label, ", ".join(t.name for t in todo))
+        fresh = lm_eval_runner.evaluate_tasks(
+            model, tokenizer, eval_cfg.model_copy(update={"tasks": todo}), data_dir=data_dir
+        )
+        for name, result in fresh.items():
+            atomic_write_json(cache_path_of[name], result.to_dict())
+        results.update(fresh)
+    return {t.name: results[t.name] for t in eval_cfg.tasks}, not todo
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_stages(model: nn.Module, recipe: Recipe, layout: Layout, state: WorkState) -> nn.Module:
+    """Run the stages not yet completed, checkpointing after each one."""
+    context = StageContext(dtype=recipe.dtype)
+    for index in range(len(state.stages), len(recipe.stages)):
+        stage = recipe.stages[index]
+        log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
+        start = time.perf_counter()
+        result = handler_for(stage).apply(model, stage, context)
+        seconds = time.perf_counter() - start
+        save_artifact(
+            model,
+            None,  # checkpoints hold weights only; on resume the tokenizer comes from the source
+            layout.checkpoint,
+            recipe_yaml=dump_recipe(recipe),
+            manifest_fields={"dtype": recipe.dtype, "checkpoint_after_stage": index},
+        )
+        state.stages.append(
+            {
+                "index": index,
+                "type": stage.type,
+                "summary": result.summary,
+                "details": result.details,
+                "seconds": seconds,
+                "peak_rss_bytes": _peak_rss_bytes(),
+            }
+        )
+        state.save(layout.state)
+        log.info("stage %d done in %.1f s: %s", index + 1, seconds, result.summary)
+    return model
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _sizes(model_artifact: Path, stages: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
+    before = sum(s["details"].get("bytes_before", 0) for s in stages if s["type"] == "quantize")
+    after = sum(s["details"].get("bytes_after", 0) for s in stages if s["type"] == "quantize")
+    return {
+        "artifact_bytes": sum(p.stat().st_size for p in model_artifact.iterdir() if p.is_file()),
+        "weights_bytes": (model_artifact / WEIGHTS).stat().st_size,
+        "source_dtype": dtype,
+        "quantized_layers_bytes_before": before,
+        "quantized_layers_bytes_after": after,
+        "quantized_layers_ratio": after / before if before else None,
+    }
+
+
+def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    recipe = load_recipe(recipe_path)
+    resolved, data_dir = check_inputs(recipe)
+    layout = Layout(Path(recipe.output.dir), recipe.name)
+
+    state = _open_work(layout, recipe, resume)
+    t = time.perf_counter()
+    source_sha = fingerprint(resolved)
+    model, tokenizer = load_model(resolved, recipe.dtype)
+    preflight(model, recipe)
+    timings["load + preflight"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    baseline_paths = {
+        task.name: layout.baseline_cache(task_cache_key(source_sha, recipe.dtype, recipe.eval, task))
+        for task in recipe.eval.tasks
+    }
+    baseline, baseline_cached = evaluate_cached(
+        model, tokenizer, recipe.eval, data_dir, baseline_paths, "baseline"
+    )
+    timings["baseline eval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if not state.artifact_sealed:
+        if state.stages:
+            log.info("resuming after stage %d from %s", len(state.stages), layout.checkpoint)
+            del model
+            model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
+        model = run_stages(model, recipe, layout, state)
+        save_artifact(
+            model,
+            tokenizer,
+            layout.artifact,
+            recipe_yaml=dump_recipe(recipe),
+            manifest_fields={
+                "recipe_name": recipe.name,
+                "recipe_fingerprint": recipe.fingerprint(),
+                "source": {"spec": recipe.model.source, "sha256": source_sha},
+                "dtype": recipe.dtype,
+                "seed": recipe.eval.seed,
+                "stages": state.stages,
+            },
+        )
+        state.artifact_sealed = True
+        state.save(layout.state)
+        shutil.rmtree(layout.checkpoint, ignore_errors=True)
+    del model
+    timings["stages + save"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    artifact_model, artifact_tokenizer = load_artifact(layout.artifact)
+    _log_quantized(artifact_model)
+    weights_sha = sha256_file(layout.artifact / WEIGHTS)
+    artifact_paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
+    _discard_stale_artifact_scores(artifact_paths, weights_sha, layout)
+    artifact_scores, _ = evaluate_cached(
+        artifact_model, artifact_tokenizer, recipe.eval, data_dir, artifact_paths, "artifact"
+    )
+    timings["artifact eval"] = time.perf_counter() - t
+
+    decision = decide(baseline, artifact_scores, recipe.gate)
+    timings["total"] = time.perf_counter() - t_start
+    report = build_report(
+        recipe_name=recipe.name,
+        decision=decision,
+        stages=state.stages,
+        sizes=_sizes(layout.artifact, state.stages, recipe.dtype),
+        timings=timings,
+        evaluation={
+            "lm_eval_version": lm_eval_runner.lm_eval_version(),
+            "data_source": str(data_dir) if data_dir else "hub",
+            "baseline_cached": baseline_cached,
+            "baseline": {k: v.to_dict() for k, v in baseline.items()},
+            "artifact": {k: v.to_dict() for k, v in artifact_scores.items()},
+        },
+        source={"display": resolved.display, "sha256": source_sha},
+    )
+    atomic_write_json(layout.artifact / "report.json", report)
+    atomic_write_text(layout.artifact / "report.md", render_markdown(report))
+
+    final = layout.final(decision.verdict)
+    other = layout.final("reject" if decision.verdict == "ship" else "ship")
+    replace_dir(layout.artifact, final)
+    shutil.rmtree(other, ignore_errors=True)  # a stale verdict from an earlier run would mislead
+    shutil.rmtree(layout.work, ignore_errors=True)
+    log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
+    return RunOutcome(
+        verdict=decision.verdict,
+        exit_code=EXIT_OK if decision.verdict == "ship" else EXIT_REJECTED,
+        artifact_dir=final,
+        report=report,
+    )
+
+
+def _open_work(layout: Layout, recipe: Recipe, resume: bool) -> WorkState:
+    fingerprint_now = recipe.fingerprint()
+    if resume and layout.state.is_file():
+        state = WorkState.load(layout.state)
+        if state.recipe_fingerprint != fingerprint_now:
+            raise BadInputError(
+                f"--resume: {layout.work} was started from a different recipe; "
+                "run without --resume to start over"
+            )
+        log.info("resuming %s: %d stage(s) done", layout.work, len(state.stages))
+        return state
+    if resume:
+        log.info("--resume: nothing to resume in %s; starting fresh", layout.work)
+    elif layout.work.exists():
+        log.info("discarding unfinished work in %s (use --resume to continue it)", layout.work)
+        shutil.rmtree(layout.work)
+    state = WorkState(recipe_fingerprint=fingerprint_now)
+    state.save(layout.state)
+    return state
+
+
+def _discard_stale_artifact_scores(paths: dict[str, Path], weights_sha: str, layout: Layout) -> None:
+    """Artifact scores are only reused for the very same weights."""
+    marker = layout.work / "eval" / "weights.sha256"
+    if marker.is_file() and marker.read_text().strip() == weights_sha:
+        return
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    atomic_write_text(marker, weights_sha + "\n")
+
+
+def _log_quantized(model: nn.Module) -> None:
+    count = sum(isinstance(m, QuantLinear) for m in model.modules())
+    log.info("artifact loaded from disk for evaluation: %d quantized Linear layers", count)

@@ -1,0 +1,50 @@
+"""Typed configuration of the weight-quantization stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PER_CHANNEL = -1  # the one `group_size` vocabulary: -1 = one scale per output channel
+
+
+class QuantizeConfig(BaseModel):
+    """Weight-only integer quantization of Linear layers.
+
+    `group_size` uses one vocabulary for every bit width: -1 means one scale (and zero point)
+    per output channel, a positive value means one per `group_size` consecutive input features.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["rtn"] = Field(
+        "rtn", description="rounding method; round-to-nearest (calibration-based methods follow)"
+    )
+    bits: Literal[4, 8] = Field(..., description="bits per stored weight")
+    group_size: int = Field(PER_CHANNEL, description="-1 = per output channel, else a positive group")
+    symmetric: bool = Field(True, description="False stores a zero point per group")
+    include: list[str] | None = Field(
+        None,
+        description="glob patterns over module names to quantize; default: every Linear "
+        "inside the decoder layers (embeddings and lm_head stay in the source dtype)",
+    )
+    exclude: list[str] = Field(default_factory=list, description="glob patterns to leave alone")
+
+    @model_validator(mode="after")
+    def _check_group_size(self) -> QuantizeConfig:
+        if self.group_size != PER_CHANNEL and self.group_size <= 0:
+            raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+        if self.group_size > 0 and (self.group_size * self.bits) % 32:
+            raise ValueError(
+                f"group_size {self.group_size} does not fill whole int32 words at {self.bits} bits "
+                f"(needs a multiple of {32 // self.bits})"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """Short human name, e.g. `int4-g64-asym` or `int8-channel-sym`."""
+        granularity = "channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        return f"int{self.bits}-{granularity}-{'sym' if self.symmetric else 'asym'}"

@@ -1,0 +1,108 @@
+"""QuantLinear: a Linear layer that holds packed integer weights and calls the dequant op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import compress.kernels  # noqa: F401  (registers torch.ops.compress.dequant_matmul)
+from compress.quant.config import PER_CHANNEL
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized Linear; state-dict names follow compressed-tensors.
+
+    Buffers (all persistent, so `state_dict()` is what goes to disk):
+    `weight_packed`, `weight_scale`, `weight_zero_point` (asymmetric only), `weight_shape`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        spec: QuantSpec,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        groups = spec.num_groups(in_features)
+        words = in_features * spec.bits // 32
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, words, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device)
+        )
+        if spec.symmetric:
+            self.weight_zero_point = None
+        else:
+            zp_rows = math.ceil(out_features * spec.bits / 32)
+            self.register_buffer(
+                "weight_zero_point", torch.zeros(zp_rows, groups, dtype=torch.int32, device=device)
+            )
+        self.register_buffer(
+            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64)
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_packed(
+        cls, packed: PackedWeight, spec: QuantSpec, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> QuantLinear:
+        out_features, words = packed.weight_packed.shape
+        layer = cls(
+            words * 32 // spec.bits,
+            out_features,
+            bias=bias is not None,
+            spec=spec,
+            dtype=dtype,
+            device=packed.weight_packed.device,
+        )
+        layer.weight_packed.copy_(packed.weight_packed)
+        layer.weight_scale.copy_(packed.weight_scale)
+        if packed.weight_zero_point is not None:
+            layer.weight_zero_point.copy_(packed.weight_zero_point)
+        if bias is not None:
+            layer.bias.data.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.compress.dequant_matmul(
+            x,
+            self.weight_packed,
+            self.weight_scale,
+            self.weight_zero_point,
+            self.spec.bits,
+            self.spec.group_size,
+            self.in_features,
+        )
+        return y if self.bias is None else y + self.bias
+
+    def stored_bytes(self) -> int:
+        """Bytes this layer's tensors take on disk (packed weight, scales, zeros, bias)."""
+        tensors = [self.weight_packed, self.weight_scale, self.weight_shape]
+        tensors += [t for t in (self.weight_zero_point, self.bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        granularity = (
+            "per-channel" if self.spec.group_size == PER_CHANNEL else f"group={self.spec.group_size}"
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.spec.bits}, {granularity}, symmetric={self.spec.symmetric}, "
+            f"bias={self.bias is not None}"
+        )

@@ -1,0 +1,116 @@
+"""Affine integer quantization with one `group_size` vocabulary for every bit width.
+
+Stored integers are *unsigned*: `q ∈ [0, 2^bits - 1]`, with a zero point `z` in the same
+range, and `dequantize(q) = (q - z) · scale`. Symmetric quantization is the special case
+`z = 2^(bits-1)` (so `q - z` is the signed value in `[-2^(bits-1), 2^(bits-1) - 1]`). This is
+exactly compressed-tensors' convention (signed values + an offset of `2^(bits-1)` when packed).
+
+Shapes: a weight is `(N, K)` (out_features, in_features); with `G = K / group_size` groups
+(`G = 1` per channel), scales and zero points are `(N, G)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.quant.config import PER_CHANNEL
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int  # PER_CHANNEL (-1) or a positive divisor of in_features
+    symmetric: bool
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def mid(self) -> int:
+        """The implicit zero point of symmetric quantization."""
+        return 1 << (self.bits - 1)
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == PER_CHANNEL else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return in_features // self.group_len(in_features)
+
+    def divides(self, in_features: int) -> bool:
+        return self.group_size == PER_CHANNEL or in_features % self.group_size == 0
+
+
+@dataclass(frozen=True)
+class QParams:
+    scale: torch.Tensor  # (N, G), storage dtype
+    zero: torch.Tensor  # (N, G), int32, in [0, qmax]
+
+
+def _grouped(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(N, K) → (N, G, K/G)."""
+    n, k = weight.shape
+    if not spec.divides(k):
+        raise ValueError(f"group_size {spec.group_size} does not divide in_features {k}")
+    return weight.reshape(n, spec.num_groups(k), spec.group_len(k))
+
+
+def _round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast positive scales to `dtype`, rounding *up*.
+
+    A scale rounded down would shrink the grid below the weights' range and clip the extremes
+    by more than half a step; rounding up keeps |w - dequantize(quantize(w))| ≤ scale / 2.
+    """
+    stored = scale.to(dtype)
+    if dtype == torch.float32:
+        return stored
+    too_small = stored.to(torch.float32) < scale
+    # The next representable value above a positive finite float is its bit pattern + 1.
+    bumped = (stored.view(torch.int16) + 1).view(dtype)
+    return torch.where(too_small, bumped, stored)
+
+
+def choose_qparams(
+    weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32
+) -> QParams:
+    """Min/max (asymmetric) or absmax (symmetric) scales and zero points per group."""
+    groups = _grouped(weight.to(torch.float32), spec)  # (N, G, g)
+    tiny = torch.finfo(scale_dtype).tiny
+    if spec.symmetric:
+        absmax = groups.abs().amax(dim=-1)
+        # Half the number of steps: the grid [-mid, mid - 1] covers ±absmax (the top value
+        # rounds into the clamp by at most half a step), as in torchao and compressed-tensors.
+        scale = _round_up_to_dtype((absmax / (spec.qmax / 2)).clamp_min(tiny), scale_dtype)
+        zero = torch.full_like(scale, spec.mid, dtype=torch.int32)
+    else:
+        lo = groups.amin(dim=-1).clamp_max(0.0)  # the grid always holds an exact 0.0
+        hi = groups.amax(dim=-1).clamp_min(0.0)
+        scale = _round_up_to_dtype(((hi - lo) / spec.qmax).clamp_min(tiny), scale_dtype)
+        zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, spec.qmax).to(torch.int32)
+    return QParams(scale=scale, zero=zero)
+
+
+def quantize(weight: torch.Tensor, qparams: QParams, spec: QuantSpec) -> torch.Tensor:
+    """(N, K) float → (N, K) int32 in [0, qmax]."""
+    groups = _grouped(weight.to(torch.float32), spec)
+    scale = qparams.scale.to(torch.float32).unsqueeze(-1)
+    zero = qparams.zero.unsqueeze(-1)
+    q = torch.round(groups / scale) + zero
+    return q.clamp(0, spec.qmax).to(torch.int32).reshape(weight.shape)
+
+
+def dequantize(
+    q: torch.Tensor, qparams: QParams, spec: QuantSpec, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(N, K) int → (N, K) float of `dtype`: (q - zero) · scale, computed in `dtype`."""
+    groups = _grouped(q, spec)
+    centered = (groups.to(torch.int32) - qparams.zero.unsqueeze(-1)).to(dtype)
+    return (centered * qparams.scale.to(dtype).unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(weight: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Quantize then dequantize (float32 result): what the stored weight will compute."""
+    qparams = choose_qparams(weight, spec, scale_dtype)
+    return dequantize(quantize(weight, qparams, spec), qparams, spec)

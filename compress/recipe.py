@@ -1,0 +1,170 @@
+"""Recipes: YAML → typed, validated, versioned configuration.
+
+Every model forbids unknown keys, so a typo is an error with its path
+(`recipes/x.yaml: stages[0].group_sise: extra inputs are not permitted`), raised before
+any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compress.errors import RecipeError
+from compress.quant.config import QuantizeConfig
+
+RECIPE_VERSION = 1
+ENV_EVAL_DATA_DIR = "COMPRESS_EVAL_DATA_DIR"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(
+        ...,
+        description="Hub id (`org/name`), local directory, `.gguf` file, or a file inside an "
+        "installed package as `package:<module>/<file>`",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run code shipped with the model")
+
+
+class CalibrationConfig(_Strict):
+    path: str = Field(..., description="UTF-8 text file to draw calibration windows from")
+    num_samples: int = Field(128, gt=0)
+    seq_len: int = Field(512, gt=0)
+    seed: int = 0
+
+
+class TaskConfig(_Strict):
+    name: str = Field(..., description="lm-eval task or group name, e.g. `mmlu`, `gsm8k`")
+    limit: int | None = Field(None, gt=0, description="items per (sub)task; None = all")
+    num_fewshot: int | None = Field(None, ge=0, description="None = the task's default")
+    metric: str | None = Field(None, description="metric to gate on; None = the task's primary")
+    max_gen_toks: int | None = Field(
+        None, gt=0, description="cap on generated tokens for generative tasks (keeps runs short)"
+    )
+
+
+class EvalConfig(_Strict):
+    tasks: list[TaskConfig] = Field(..., min_length=1)
+    batch_size: int = Field(1, gt=0)
+    seed: int = Field(1234, description="few-shot sampling seed")
+    data_dir: str | None = Field(
+        None,
+        description="local copies of Hub datasets laid out as `<data_dir>/<org>/<name>`; "
+        f"also settable with ${ENV_EVAL_DATA_DIR}; None = fetch from the Hub",
+    )
+
+    @model_validator(mode="after")
+    def _unique_tasks(self) -> EvalConfig:
+        names = [t.name for t in self.tasks]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"tasks listed twice: {duplicated}")
+        return self
+
+
+class Budget(_Strict):
+    max_drop: float = Field(
+        ..., ge=0, description="largest allowed absolute drop of the metric (0.05 = 5 points)"
+    )
+
+
+class GateConfig(_Strict):
+    budgets: dict[str, Budget] = Field(..., min_length=1, description="task name → budget")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("runs", description="root of work/, release/, rejected/ and cache/")
+
+
+# Every stage config type, each with a `type: Literal[...]` tag. With a second stage type this
+# becomes `Annotated[A | B, Field(discriminator="type")]` (pydantic needs two members for that).
+STAGE_CONFIG_TYPES: tuple[type[BaseModel], ...] = (QuantizeConfig,)
+STAGE_TAGS = frozenset(t.model_fields["type"].default for t in STAGE_CONFIG_TYPES)
+StageConfig = QuantizeConfig
+
+
+class Recipe(_Strict):
+    version: Literal[1] = Field(..., description="recipe schema version")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelConfig
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    calibration: CalibrationConfig | None = None
+    stages: list[StageConfig] = Field(..., min_length=1)
+    eval: EvalConfig
+    gate: GateConfig
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _budgets_name_tasks(self) -> Recipe:
+        task_names = {t.name for t in self.eval.tasks}
+        unknown = sorted(set(self.gate.budgets) - task_names)
+        if unknown:
+            raise ValueError(
+                f"gate.budgets names tasks that eval.tasks does not run: {unknown} "
+                f"(eval.tasks: {sorted(task_names)})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form: what `--resume` checks against."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def format_location(loc: tuple[int | str, ...], stages_tags: frozenset[str]) -> str:
+    """`('stages', 0, 'quantize', 'group_size')` → `stages[0].group_size`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in stages_tags and out.endswith("]"):
+            continue  # the discriminator tag pydantic inserts into union paths
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<recipe>"
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for err in exc.errors():
+        lines.append(f"  {format_location(tuple(err['loc']), STAGE_TAGS)}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate an already-parsed YAML/JSON document; errors name `source` and the field path."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(exc, source)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (what `recipe.lock.yaml` holds); round-trips."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

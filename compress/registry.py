@@ -1,0 +1,63 @@
+"""Explicit stage registry: one typed config class → one handler.
+
+A stage module registers itself with `@register_stage(ConfigType, preflight=check_fn)` on its
+apply function; nothing is discovered from class or file names. `compress.stages` imports
+every stage module, so importing it fills the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may read besides the model and its own config."""
+
+    dtype: str  # the recipe's dtype name, e.g. "bfloat16"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage reports: a one-line summary and numbers for the report."""
+
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Preflight = Callable[[nn.Module, Any], None]
+Apply = Callable[[nn.Module, Any, StageContext], StageResult]
+
+
+@dataclass(frozen=True)
+class StageHandler:
+    config_type: type[BaseModel]
+    preflight: Preflight  # raises PreflightError naming the layers at fault; must be cheap
+    apply: Apply  # modifies the model in place
+
+
+_REGISTRY: dict[type[BaseModel], StageHandler] = {}
+
+
+def register_stage(config_type: type[BaseModel], *, preflight: Preflight) -> Callable[[Apply], Apply]:
+    def decorator(apply: Apply) -> Apply:
+        if config_type in _REGISTRY:
+            raise RuntimeError(f"a handler for {config_type.__name__} is already registered")
+        _REGISTRY[config_type] = StageHandler(config_type, preflight, apply)
+        return apply
+
+    return decorator
+
+
+def handler_for(config: BaseModel) -> StageHandler:
+    import compress.stages  # noqa: F401  (registers every built-in stage; a no-op once imported)
+
+    try:
+        return _REGISTRY[type(config)]
+    except KeyError:
+        raise RuntimeError(f"no stage handler registered for {type(config).__name__}") from None

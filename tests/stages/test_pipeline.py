@@ -1,0 +1,226 @@
+"""The whole flow on a tiny random Llama, with lm-eval replaced by a scripted scorer.
+
+The scorer gives the baseline and the artifact chosen per-item results, so shipping, rejecting,
+caching and resuming are tested deterministically; the real lm-eval path is tested in
+tests/unit/test_lm_eval_runner.py and end to end in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from torch import nn
+
+from compress import pipeline
+from compress.artifact import verify_artifact
+from compress.cli import main
+from compress.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, BadInputError
+from compress.evaluate import lm_eval_runner
+from compress.evaluate.lm_eval_runner import TaskResult
+from compress.quant.linear import QuantLinear
+from compress.registry import handler_for
+
+N_ITEMS = 20
+
+
+class ScriptedScorer:
+    """Stands in for lm-eval: the baseline gets every item right, the artifact `artifact_right`."""
+
+    def __init__(self, artifact_right: int) -> None:
+        self.artifact_right = artifact_right
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def __call__(self, model: nn.Module, tokenizer, eval_cfg, *, data_dir):
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        label = "artifact" if quantized else "baseline"
+        self.calls.append((label, tuple(t.name for t in eval_cfg.tasks)))
+        right = self.artifact_right if quantized else N_ITEMS
+        results = {}
+        for task in eval_cfg.tasks:
+            items = {f"{task.name}/{i}": float(i < right) for i in range(N_ITEMS)}
+            results[task.name] = TaskResult(
+                task=task.name,
+                metric="acc",
+                value=sum(items.values()) / N_ITEMS,
+                num_items=N_ITEMS,
+                items=items,
+                info={"scripted": True},
+            )
+        return results
+
+
+@pytest.fixture
+def scorer(monkeypatch):
+    def install(artifact_right: int) -> ScriptedScorer:
+        scripted = ScriptedScorer(artifact_right)
+        monkeypatch.setattr(lm_eval_runner, "evaluate_tasks", scripted)
+        return scripted
+
+    monkeypatch.delenv("COMPRESS_EVAL_DATA_DIR", raising=False)
+    return install
+
+
+def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
+    recipe = {
+        "version": 1,
+        "name": "tiny-mixed",
+        "model": {"source": str(source)},
+        "dtype": "bfloat16",
+        "stages": [
+            {"type": "quantize", "bits": 8, "include": ["*.self_attn.*"]},
+            {"type": "quantize", "bits": 4, "group_size": 32, "symmetric": False,
+             "include": ["*.mlp.*"]},
+        ],
+        "eval": {"tasks": [{"name": "mmlu", "limit": 1}, {"name": "gsm8k", "limit": 2}]},
+        "gate": {"budgets": {"mmlu": {"max_drop": 0.10}, "gsm8k": {"max_drop": 0.10}}},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_ship(tmp_path, tiny_llama_dir, scorer):
+    scripted = scorer(artifact_right=N_ITEMS - 1)  # a 5-point drop, within the 10-point budget
+    outcome = pipeline.run(write_recipe(tmp_path, tiny_llama_dir))
+    runs = tmp_path / "runs"
+    assert outcome.verdict == "ship" and outcome.exit_code == EXIT_OK
+    assert outcome.artifact_dir == runs / "release" / "tiny-mixed"
+    verify_artifact(outcome.artifact_dir)
+    report = json.loads((outcome.artifact_dir / "report.json").read_text())
+    assert report["verdict"] == "ship"
+    mmlu = next(t for t in report["gate"]["tasks"] if t["task"] == "mmlu")
+    assert mmlu["drop"] == pytest.approx(0.05)
+    assert mmlu["paired"]["baseline_only"] == 1
+    assert [s["type"] for s in report["stages"]] == ["quantize", "quantize"]
+    assert report["sizes"]["quantized_layers_ratio"] < 0.5
+    assert "SHIP" in (outcome.artifact_dir / "report.md").read_text()
+    assert not (runs / "rejected").exists() and not (runs / "work" / "tiny-mixed").exists()
+    assert [label for label, _ in scripted.calls] == ["baseline", "artifact"]
+
+
+def test_reject_exits_3_and_releases_nothing(tmp_path, tiny_llama_dir, scorer):
+    scorer(artifact_right=N_ITEMS - 4)  # a 20-point drop
+    code = main(["run", str(write_recipe(tmp_path, tiny_llama_dir))])
+    runs = tmp_path / "runs"
+    assert code == EXIT_REJECTED
+    assert not (runs / "release").exists() or not any((runs / "release").iterdir())
+    report = json.loads((runs / "rejected" / "tiny-mixed" / "report.json").read_text())
+    assert report["verdict"] == "reject"
+    assert all(not t["passed"] for t in report["gate"]["tasks"])
+
+
+def test_baseline_scores_are_cached_across_runs(tmp_path, tiny_llama_dir, scorer):
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    scorer(artifact_right=N_ITEMS)
+    pipeline.run(recipe)
+    second = scorer(artifact_right=N_ITEMS)
+    outcome = pipeline.run(recipe)
+    assert [label for label, _ in second.calls] == ["artifact"]
+    assert outcome.report["evaluation"]["baseline_cached"] is True
+    # A different task setting is a different cache entry.
+    third = scorer(artifact_right=N_ITEMS)
+    pipeline.run(write_recipe(tmp_path, tiny_llama_dir, eval={
+        "tasks": [{"name": "mmlu", "limit": 2}, {"name": "gsm8k", "limit": 2}]}))
+    assert third.calls[0] == ("baseline", ("mmlu",))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_skips_completed_stages(tmp_path, tiny_llama_dir, scorer, monkeypatch):
+    scorer(artifact_right=N_ITEMS)
+    reference = pipeline.run(write_recipe(tmp_path / "ref", tiny_llama_dir))
+    reference_weights = (reference.artifact_dir / "model.safetensors").read_bytes()
+
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    applied: list[int] = []
+    real_handler_for = handler_for
+
+    def interrupting_handler_for(config, fail_on_second: bool):
+        handler = real_handler_for(config)
+
+        def apply(model, cfg, context):
+            index = cfg.bits == 4  # the recipe's second stage is the INT4 one
+            if fail_on_second and index:
+                raise Interrupted("killed during stage 2")
+            applied.append(int(index))
+            return handler.apply(model, cfg, context)
+
+        return type(handler)(handler.config_type, handler.preflight, apply)
+
+    monkeypatch.setattr(pipeline, "handler_for", lambda c: interrupting_handler_for(c, True))
+    with pytest.raises(Interrupted):
+        pipeline.run(recipe)
+    state = json.loads((tmp_path / "runs" / "work" / "tiny-mixed" / "state.json").read_text())
+    assert [s["index"] for s in state["stages"]] == [0]
+
+    monkeypatch.setattr(pipeline, "handler_for", lambda c: interrupting_handler_for(c, False))
+    outcome = pipeline.run(recipe, resume=True)
+    assert applied == [0, 1]  # stage 1 ran once, before the interruption; stage 2 once after
+    assert outcome.verdict == "ship"
+    assert (outcome.artifact_dir / "model.safetensors").read_bytes() == reference_weights
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_llama_dir, scorer, monkeypatch):
+    scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+
+    def boom(*_args, **_kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(pipeline, "run_stages", boom)
+    with pytest.raises(Interrupted):
+        pipeline.run(recipe)
+    changed = write_recipe(tmp_path, tiny_llama_dir, dtype="float32")
+    with pytest.raises(BadInputError, match="different recipe"):
+        pipeline.run(changed, resume=True)
+
+
+def test_preflight_failure_exits_2_before_any_evaluation(tmp_path, tiny_llama_dir, scorer):
+    scripted = scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        stages=[{"type": "quantize", "bits": 4, "group_size": 48}],
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert scripted.calls == []
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"model": {"source": "/nonexistent/model.gguf"}}, "no such file"),
+        ({"model": {"source": "package:not_a_package/x.gguf"}}, "not installed"),
+    ],
+)
+def test_bad_model_source_exits_2(tmp_path, tiny_llama_dir, scorer, caplog, override, expected):
+    scorer(artifact_right=N_ITEMS)
+    assert main(["run", str(write_recipe(tmp_path, tiny_llama_dir, **override))]) == EXIT_BAD_INPUT
+    assert expected in caplog.text
+
+
+def test_missing_eval_data_dir_exits_2(tmp_path, tiny_llama_dir, scorer, caplog):
+    scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        eval={"tasks": [{"name": "mmlu", "limit": 1}], "data_dir": str(tmp_path / "no-data")},
+        gate={"budgets": {"mmlu": {"max_drop": 0.1}}},
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert "no-data" in caplog.text
+
+
+def test_bad_recipe_exits_2_naming_the_field(tmp_path, tiny_llama_dir, caplog):
+    recipe = write_recipe(
+        tmp_path, tiny_llama_dir, stages=[{"type": "quantize", "bits": 4, "group_sise": 64}]
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert "recipe.yaml" in caplog.text and "stages[0].group_sise" in caplog.text
