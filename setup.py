@@ -32,7 +32,11 @@ def _cuda_extensions() -> tuple[list, dict]:
         sources,
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"],
+            "nvcc": [
+                "-O3",
+                "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90",
+            ],
         },
     )
     return [ext], {"build_ext": BuildExtension}

@@ -98,7 +98,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     if not groups:
         return None
     quantized = {n for names in groups.values() for n in names}
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    ignore = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized
+    ]
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -221,7 +223,9 @@ def verify_artifact(path: Path) -> dict[str, Any]:
     extra = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in listed)
     problems += [f"unlisted file {name}" for name in extra]
     if problems:
-        raise ArtifactError(f"{path}: artifact does not match its manifest:\n  " + "\n  ".join(problems))
+        raise ArtifactError(
+            f"{path}: artifact does not match its manifest:\n  " + "\n  ".join(problems)
+        )
     return manifest
 
 
@@ -286,7 +290,9 @@ def _load_weights(model: nn.Module, weights: Path) -> None:
         raise ArtifactError(f"{weights}: cannot read safetensors: {exc}") from None
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise ArtifactError(f"{weights}: tensors the model does not have: {result.unexpected_keys[:5]}")
+        raise ArtifactError(
+            f"{weights}: tensors the model does not have: {result.unexpected_keys[:5]}"
+        )
     fresh = model.state_dict()
     loaded_ptrs = {fresh[k].data_ptr() for k in state}
     untied = [k for k in result.missing_keys if fresh[k].data_ptr() not in loaded_ptrs]

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # lm-eval logs every subtask it builds (hundreds of lines for mmlu); its progress bars
+        # and our own summary say what matters.
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -240,7 +240,9 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
 
     t = time.perf_counter()
     baseline_paths = {
-        task.name: layout.baseline_cache(task_cache_key(source_sha, recipe.dtype, recipe.eval, task))
+        task.name: layout.baseline_cache(
+            task_cache_key(source_sha, recipe.dtype, recipe.eval, task)
+        )
         for task in recipe.eval.tasks
     }
     baseline, baseline_cached = evaluate_cached(
@@ -341,7 +343,9 @@ def _open_work(layout: Layout, recipe: Recipe, resume: bool) -> WorkState:
     return state
 
 
-def _discard_stale_artifact_scores(paths: dict[str, Path], weights_sha: str, layout: Layout) -> None:
+def _discard_stale_artifact_scores(
+    paths: dict[str, Path], weights_sha: str, layout: Layout
+) -> None:
     """Artifact scores are only reused for the very same weights."""
     marker = layout.work / "eval" / "weights.sha256"
     if marker.is_file() and marker.read_text().strip() == weights_sha:

@@ -44,7 +44,9 @@ class StageHandler:
 _REGISTRY: dict[type[BaseModel], StageHandler] = {}
 
 
-def register_stage(config_type: type[BaseModel], *, preflight: Preflight) -> Callable[[Apply], Apply]:
+def register_stage(
+    config_type: type[BaseModel], *, preflight: Preflight
+) -> Callable[[Apply], Apply]:
     def decorator(apply: Apply) -> Apply:
         if config_type in _REGISTRY:
             raise RuntimeError(f"a handler for {config_type.__name__} is already registered")

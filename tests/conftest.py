@@ -45,7 +45,9 @@ def demo_tokenizer(demo_gguf: Path):
     return AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
 
 
-def save_tiny_llama(directory: Path, tokenizer, *, intermediate_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_llama(
+    directory: Path, tokenizer, *, intermediate_size: int = 128, seed: int = 0
+) -> Path:
     """A 2-layer random Llama (GQA: 4 query heads, 2 KV heads) saved as safetensors + tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

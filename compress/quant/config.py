@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PER_CHANNEL = -1  # the one `group_size` vocabulary: -1 = one scale per output channel
 
@@ -23,7 +23,9 @@ class QuantizeConfig(BaseModel):
         "rtn", description="rounding method; round-to-nearest (calibration-based methods follow)"
     )
     bits: Literal[4, 8] = Field(..., description="bits per stored weight")
-    group_size: int = Field(PER_CHANNEL, description="-1 = per output channel, else a positive group")
+    group_size: int = Field(
+        PER_CHANNEL, description="-1 = per output channel, else a positive group"
+    )
     symmetric: bool = Field(True, description="False stores a zero point per group")
     include: list[str] | None = Field(
         None,
@@ -32,16 +34,19 @@ class QuantizeConfig(BaseModel):
     )
     exclude: list[str] = Field(default_factory=list, description="glob patterns to leave alone")
 
-    @model_validator(mode="after")
-    def _check_group_size(self) -> QuantizeConfig:
-        if self.group_size != PER_CHANNEL and self.group_size <= 0:
-            raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
-        if self.group_size > 0 and (self.group_size * self.bits) % 32:
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, group_size: int, info: ValidationInfo) -> int:
+        # A field validator (not a model validator) so errors point at `...group_size`.
+        if group_size != PER_CHANNEL and group_size <= 0:
+            raise ValueError(f"must be -1 (per channel) or positive, got {group_size}")
+        bits = info.data.get("bits")
+        if bits is not None and group_size > 0 and (group_size * bits) % 32:
             raise ValueError(
-                f"group_size {self.group_size} does not fill whole int32 words at {self.bits} bits "
-                f"(needs a multiple of {32 // self.bits})"
+                f"{group_size} does not fill whole int32 words at {bits} bits "
+                f"(needs a multiple of {32 // bits})"
             )
-        return self
+        return group_size
 
     @property
     def scheme(self) -> str:

@@ -99,7 +99,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         granularity = (
-            "per-channel" if self.spec.group_size == PER_CHANNEL else f"group={self.spec.group_size}"
+            "per-channel"
+            if self.spec.group_size == PER_CHANNEL
+            else f"group={self.spec.group_size}"
         )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -38,6 +38,8 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = values_per_word(bits)
     if values.ndim != 2:
         raise ValueError(f"pack_rows expects a 2-D tensor, got shape {tuple(values.shape)}")
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(f"pack_rows expects integer values, got {values.dtype}")
     if values.numel() and (values.min() < 0 or values.max() >= (1 << bits)):
         raise ValueError(f"values out of range for {bits}-bit packing")
     rows, cols = values.shape

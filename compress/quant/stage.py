@@ -39,11 +39,14 @@ def select_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Line
         chosen = {n: m for n, m in linears.items() if n.startswith(prefix)}
     else:
         already = [
-            n for n, m in model.named_modules()
+            n
+            for n, m in model.named_modules()
             if isinstance(m, QuantLinear) and _matches(n, config.include)
         ]
         if already:
-            raise PreflightError(f"include matches layers that are already quantized: {already[:5]}")
+            raise PreflightError(
+                f"include matches layers that are already quantized: {already[:5]}"
+            )
         unmatched = [p for p in config.include if not any(fnmatchcase(n, p) for n in linears)]
         if unmatched:
             examples = list(linears)[:4]
@@ -74,16 +77,20 @@ def preflight(model: nn.Module, config: QuantizeConfig) -> None:
         by_k[layer.in_features].append(name)
     unpackable = {k: names for k, names in by_k.items() if (k * config.bits) % 32}
     if unpackable:
-        raise PreflightError(_describe_layers(
-            f"in_features not a multiple of {32 // config.bits} cannot be packed at "
-            f"{config.bits} bits", unpackable))
+        raise PreflightError(
+            _describe_layers(
+                f"in_features not a multiple of {32 // config.bits} cannot be packed at "
+                f"{config.bits} bits",
+                unpackable,
+            )
+        )
     if config.group_size != PER_CHANNEL:
         bad = {k: names for k, names in by_k.items() if k % config.group_size}
         if bad:
             workable = _workable_group_sizes(set(by_k), config.bits)
             raise PreflightError(
                 _describe_layers(f"group_size {config.group_size} does not divide in_features", bad)
-                + f"\n  group sizes that divide every selected layer: {workable + [PER_CHANNEL]}"
+                + f"\n  group sizes that divide every selected layer: {[*workable, PER_CHANNEL]}"
                 + " (-1 = per channel)"
             )
 
@@ -111,7 +118,10 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
         replace_module(model, name, quantized)
     log.info(
         "quantized %d layers to %s: %.1f MB → %.1f MB",
-        len(layers), config.scheme, bytes_before / 1e6, bytes_after / 1e6,
+        len(layers),
+        config.scheme,
+        bytes_before / 1e6,
+        bytes_after / 1e6,
     )
     return StageResult(
         summary=f"{len(layers)} Linear layers → {config.scheme} ({config.method})",

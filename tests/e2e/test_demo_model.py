@@ -53,7 +53,11 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(eval_data_dir), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "compress", "run", str(path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]  # budgets of 100 points cannot reject
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -71,7 +75,10 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
 
     verify = subprocess.run(
         [sys.executable, "-m", "compress", "verify", str(artifact)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert verify.returncode == 0, verify.stderr
 

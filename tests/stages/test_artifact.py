@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import compress
-import compress.stages  # noqa: F401
+import compress.stages
 from compress.artifact import describe_artifact, save_artifact, verify_artifact
 from compress.errors import ArtifactError
 from compress.models import load_model, resolve_source
@@ -21,7 +21,9 @@ IDS = torch.tensor([[1, 17, 230, 5, 99, 4, 1000, 7]])
 
 
 def _quantized_tiny(tiny_llama_dir, *configs: QuantizeConfig):
-    model, tokenizer = load_model(resolve_source(ModelConfig(source=str(tiny_llama_dir))), "bfloat16")
+    model, tokenizer = load_model(
+        resolve_source(ModelConfig(source=str(tiny_llama_dir))), "bfloat16"
+    )
     for config in configs:
         handler_for(config).apply(model, config, StageContext(dtype="bfloat16"))
     return model, tokenizer
@@ -99,7 +101,7 @@ def test_verify_passes_then_fails_on_any_change(artifact):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="model.safetensors: sha256 differs"):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: sha256 differs"):
         verify_artifact(path)
     with pytest.raises(ArtifactError, match="sha256 differs"):
         compress.load(path)
@@ -126,7 +128,7 @@ def test_truncated_weights_give_clear_error_when_not_verifying(artifact):
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         compress.load(tmp_path / "nope")
-    with pytest.raises(ArtifactError, match="no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
         compress.load(tmp_path)
 
 
@@ -143,3 +145,17 @@ def test_failed_save_leaves_previous_artifact_intact(tmp_path, tiny_llama_dir):
         _save(model, Exploding(), path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no staging leftovers
+
+
+def test_cli_inspect_and_verify_exit_codes(artifact, capsys):
+    from compress.cli import main
+    from compress.errors import EXIT_BAD_INPUT, EXIT_OK
+
+    _, path = artifact
+    assert main(["inspect", str(path)]) == EXIT_OK
+    described = json.loads(capsys.readouterr().out)
+    assert described["dtype"] == "bfloat16" and len(described["quantization"]) == 2
+    assert main(["verify", str(path)]) == EXIT_OK
+    (path / "recipe.lock.yaml").write_text("tampered\n")
+    assert main(["verify", str(path)]) == EXIT_BAD_INPUT
+    assert main(["inspect", str(path / "missing")]) == EXIT_BAD_INPUT

@@ -71,8 +71,13 @@ def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
         "dtype": "bfloat16",
         "stages": [
             {"type": "quantize", "bits": 8, "include": ["*.self_attn.*"]},
-            {"type": "quantize", "bits": 4, "group_size": 32, "symmetric": False,
-             "include": ["*.mlp.*"]},
+            {
+                "type": "quantize",
+                "bits": 4,
+                "group_size": 32,
+                "symmetric": False,
+                "include": ["*.mlp.*"],
+            },
         ],
         "eval": {"tasks": [{"name": "mmlu", "limit": 1}, {"name": "gsm8k", "limit": 2}]},
         "gate": {"budgets": {"mmlu": {"max_drop": 0.10}, "gsm8k": {"max_drop": 0.10}}},
@@ -80,6 +85,7 @@ def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
     }
     recipe.update(overrides)
     path = tmp_path / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -124,8 +130,13 @@ def test_baseline_scores_are_cached_across_runs(tmp_path, tiny_llama_dir, scorer
     assert outcome.report["evaluation"]["baseline_cached"] is True
     # A different task setting is a different cache entry.
     third = scorer(artifact_right=N_ITEMS)
-    pipeline.run(write_recipe(tmp_path, tiny_llama_dir, eval={
-        "tasks": [{"name": "mmlu", "limit": 2}, {"name": "gsm8k", "limit": 2}]}))
+    pipeline.run(
+        write_recipe(
+            tmp_path,
+            tiny_llama_dir,
+            eval={"tasks": [{"name": "mmlu", "limit": 2}, {"name": "gsm8k", "limit": 2}]},
+        )
+    )
     assert third.calls[0] == ("baseline", ("mmlu",))
 
 
@@ -133,7 +144,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_skips_completed_stages(tmp_path, tiny_llama_dir, scorer, monkeypatch):
+def test_resume_after_interruption_skips_completed_stages(
+    tmp_path, tiny_llama_dir, scorer, monkeypatch
+):
     scorer(artifact_right=N_ITEMS)
     reference = pipeline.run(write_recipe(tmp_path / "ref", tiny_llama_dir))
     reference_weights = (reference.artifact_dir / "model.safetensors").read_bytes()

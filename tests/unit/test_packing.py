@@ -199,15 +199,17 @@ def test_unpack_wrong_dtype_raises(dtype):
         unpack_rows(packed.to(dtype), 4, 16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pack_rows does not check the dtype: float input is truncated by .to(torch.int32) "
-    "and packed silently (1.7 → 1) instead of raising ValueError",
+@pytest.mark.parametrize(
+    "values",
+    [torch.full((2, 8), 1.7), torch.full((2, 8), 3.0), torch.ones(2, 8, dtype=torch.bool)],
+    ids=["float-fraction", "float-whole", "bool"],
 )
-def test_pack_float_values_raises():
-    values = torch.full((2, 8), 1.7)
-    with pytest.raises(ValueError):
+def test_pack_non_integer_dtype_raises(values):
+    # A float would otherwise be truncated by .to(torch.int32) and packed silently (1.7 → 1).
+    with pytest.raises(ValueError, match=str(values.dtype)):
         pack_rows(values, 4)
+    with pytest.raises(ValueError, match=str(values.dtype)):
+        pack_zero_points(values, 4)
 
 
 @pytest.mark.parametrize("shape", [(16,), (2, 2, 8)])

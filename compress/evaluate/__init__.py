@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval runs, the release gate and its reports."""

@@ -1,0 +1,331 @@
+"""`torch.ops.compress.dequant_matmul` on CPU against a float64 reference, its argument checks,
+its fake (meta) implementation, and the QuantLinear module built on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import compress.kernels  # noqa: F401  (registers torch.ops.compress.dequant_matmul)
+from compress.quant.config import PER_CHANNEL
+from compress.quant.linear import QuantLinear
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from compress.quant.rtn import rtn_quantize
+
+OP = torch.ops.compress.dequant_matmul
+N = 96
+
+# Relative error of the whole output (Frobenius norm) against the float64 reference.
+# float32: the weight dequantizes exactly ((q - z) has ≤ 9 bits, the scale 24) and only the
+# matmul's float32 accumulation rounds: ~sqrt(K)·2^-24 ≈ 1.5e-6 at K=576 for random data, so
+# 1e-5 leaves ~7x margin while any wrong code, zero point or scale (errors of ≥ one step ~ 1e-2
+# relative) fails by orders of magnitude.
+# bfloat16: the op dequantizes in x's dtype, so each weight is rounded to 8 significant bits
+# (2^-9 relative) and so is every output (2^-9); together ≈ 3e-3 RMS, hence 1e-2.
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+# (K, group_size): 576 is the demo model's hidden size, which 128 does not divide.
+SHAPES = [(256, PER_CHANNEL), (256, 32), (256, 128), (576, PER_CHANNEL), (576, 32), (576, 64)]
+X_LEADING = [(1,), (3,), (16,), (2, 5)]
+
+
+def make_case(k: int, spec: QuantSpec, dtype: torch.dtype, seed: int = 0):
+    """Random weight → (PackedWeight, float64 dequantized weight, bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(N, k, generator=gen) * 0.05
+    weight[3, 7] = 1.5  # an outlier
+    weight[4] = weight[4].abs()  # an all-positive row
+    qparams = choose_qparams(weight, spec, dtype)
+    q = quantize(weight, qparams, spec)
+    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
+    reference = dequantize(q, qparams, spec, dtype=torch.float64)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    return packed, reference, bias
+
+
+def op_args(x: torch.Tensor, packed: PackedWeight, spec: QuantSpec, k: int) -> tuple:
+    return (
+        x,
+        packed.weight_packed,
+        packed.weight_scale,
+        packed.weight_zero_point,
+        spec.bits,
+        spec.group_size,
+        k,
+    )
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.to(torch.float64) - ref).norm() / ref.norm()).item()
+
+
+QUANT_CASES = [
+    pytest.param(bits, sym, k, gs, id=f"int{bits}-{'sym' if sym else 'asym'}-K{k}-g{gs}")
+    for bits in (4, 8)
+    for sym in (True, False)
+    for k, gs in SHAPES
+]
+
+
+def check_against_reference(bits, symmetric, k, group_size, dtype, leading):
+    spec = QuantSpec(bits, group_size, symmetric)
+    packed, w_ref, _ = make_case(k, spec, dtype, seed=k + bits)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*leading, k, generator=gen).to(dtype)
+    y = OP(*op_args(x, packed, spec, k))
+    assert y.shape == (*leading, N)
+    assert y.dtype == dtype
+    ref = x.to(torch.float64) @ w_ref.T
+    err = rel_err(y, ref)
+    assert err <= REL_TOL[dtype], f"relative error {err:.3g} > {REL_TOL[dtype]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("bits", "symmetric", "k", "group_size"), QUANT_CASES)
+def test_matches_float64_reference(bits, symmetric, k, group_size, dtype):
+    # Every quantization layout × dtype; the x shape cycles through M=1, 3, 16 and (2, 5) so
+    # each layout meets several (the full cross product adds time, not coverage).
+    leading = X_LEADING[(bits + 3 * symmetric + k // 32 + group_size) % len(X_LEADING)]
+    check_against_reference(bits, symmetric, k, group_size, dtype, leading)
+
+
+@pytest.mark.parametrize("leading", X_LEADING, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "k", "group_size"), [(4, False, 576, 64), (8, True, 256, PER_CHANNEL)]
+)
+def test_matches_float64_reference_for_every_x_shape(
+    bits, symmetric, k, group_size, dtype, leading
+):
+    check_against_reference(bits, symmetric, k, group_size, dtype, leading)
+
+
+def test_reference_check_catches_a_wrong_zero_point():
+    """The tolerance above is tight enough to see a one-step error in the zero points."""
+    spec = QuantSpec(4, 64, symmetric=False)
+    packed, w_ref, _ = make_case(576, spec, torch.bfloat16)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    wrong = PackedWeight(
+        packed.weight_packed,
+        packed.weight_scale,
+        packed.weight_zero_point ^ 0x11111111,  # flips the low bit of every zero point
+    )
+    err = rel_err(OP(*op_args(x, wrong, spec, 576)), x.to(torch.float64) @ w_ref.T)
+    assert err > REL_TOL[torch.bfloat16]
+
+
+# --- argument checks (same in the real and the fake implementation) ---
+
+
+def _valid():
+    spec = QuantSpec(4, 32, symmetric=False)
+    packed, _, _ = make_case(256, spec, torch.float32)
+    x = torch.randn(3, 256)
+    return op_args(x, packed, spec, 256)
+
+
+def _wrong_k(args):
+    return (
+        torch.randn(3, 255),
+        *args[1:],
+    ), r"x has 255 features, the weight expects K=256 \(x \(3, 255\), weight_packed \(96, 32\)"
+
+
+def _group_not_dividing(args):
+    x, wp, _, zp, bits, _, k = args
+    message = r"group_size 48 is not -1 and does not divide K=256"
+    return (x, wp, torch.ones(N, 5), zp, bits, 48, k), message
+
+
+def _scale_shape(args):
+    x, wp, scale, zp, bits, gs, k = args
+    bad = torch.ones(N, 9, dtype=scale.dtype)
+    return (x, wp, bad, zp, bits, gs, k), r"scale must be \(N=96, G=8\) .*scale \(96, 9\)"
+
+
+def _scale_rows(args):
+    x, wp, scale, zp, bits, gs, k = args
+    return (x, wp, scale[:50], zp, bits, gs, k), r"scale must be \(N=96, G=8\) .*scale \(50, 8\)"
+
+
+def _packed_dtype(args):
+    x, wp, *rest = args
+    message = r"weight_packed must be a 2-D int32 tensor, got torch\.int64"
+    return (x, wp.to(torch.int64), *rest), message
+
+
+def _packed_width(args):
+    x, wp, *rest = args
+    message = r"does not hold K=256 4-bit values per row .*weight_packed \(96, 16\)"
+    return (x, wp[:, :16], *rest), message
+
+
+def _zero_groups(args):
+    x, wp, scale, zp, bits, gs, k = args
+    message = r"zero_point must be int32 of shape \(12, 8\) .*zero_point \(12, 3\)"
+    return (x, wp, scale, zp[:, :3], bits, gs, k), message
+
+
+def _zero_rows(args):
+    x, wp, scale, zp, bits, gs, k = args
+    doubled = torch.cat([zp, zp])
+    return (x, wp, scale, doubled, bits, gs, k), r"zero_point must be .*zero_point \(24, 8\)"
+
+
+def _group_zero(args):
+    x, wp, _, zp, bits, _, k = args
+    return (x, wp, torch.ones(N, 1), zp, bits, 0, k), r"group_size 0 is not -1"
+
+
+BAD_ARGS = [
+    _zero_rows,
+    _group_zero,
+    _wrong_k,
+    _group_not_dividing,
+    _scale_shape,
+    _scale_rows,
+    _packed_dtype,
+    _packed_width,
+    _zero_groups,
+]
+
+
+@pytest.mark.parametrize("make_bad", BAD_ARGS, ids=lambda f: f.__name__.lstrip("_"))
+def test_bad_arguments_raise_value_error_naming_shapes(make_bad):
+    args, message = make_bad(_valid())
+    with pytest.raises(ValueError, match=message):
+        OP(*args)
+
+
+@pytest.mark.parametrize("make_bad", BAD_ARGS, ids=lambda f: f.__name__.lstrip("_"))
+def test_fake_implementation_runs_the_same_checks(make_bad):
+    args, message = make_bad(_valid())
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=message):
+            OP(*fake_args)
+
+
+def test_valid_arguments_pass_the_checks():
+    args = _valid()
+    assert OP(*args).shape == (3, N)
+
+
+# --- fake / meta implementation ---
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("leading", X_LEADING, ids=lambda s: "x".join(map(str, s)))
+def test_fake_tensor_mode_gives_output_shape(leading, symmetric):
+    spec = QuantSpec(4, 64, symmetric)
+    packed, _, _ = make_case(576, spec, torch.bfloat16)
+    x = torch.randn(*leading, 576).to(torch.bfloat16)
+    with FakeTensorMode() as mode:
+        args = [
+            mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+            for a in (op_args(x, packed, spec, 576))
+        ]
+        y = OP(*args)
+    assert y.shape == (*leading, N)
+    assert y.dtype == torch.bfloat16
+
+
+def test_meta_tensors_give_output_shape():
+    spec = QuantSpec(8, PER_CHANNEL, symmetric=True)
+    packed, _, _ = make_case(256, spec, torch.float32)
+    args = op_args(torch.randn(2, 5, 256), packed, spec, 256)
+    y = OP(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    assert y.device.type == "meta"
+    assert y.shape == (2, 5, N)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"),
+    [(4, 64, False), (4, PER_CHANNEL, True), (8, 32, False), (8, PER_CHANNEL, True)],
+)
+def test_opcheck(bits, group_size, symmetric):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of torch.library.
+
+    No input requires grad (the op has no backward; QuantLinear runs it for inference only),
+    so test_autograd_registration checks only that the op does not claim autograd support it
+    lacks; all four sub-tests apply and run.
+    """
+    spec = QuantSpec(bits, group_size, symmetric)
+    packed, _, _ = make_case(256, spec, torch.float32)
+    for x in (torch.randn(3, 256), torch.randn(2, 5, 256).to(torch.bfloat16)):
+        torch.library.opcheck(OP.default, op_args(x, packed, spec, 256))
+
+
+# --- QuantLinear ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric", "has_bias"),
+    [
+        (4, 64, False, True),
+        (4, 32, True, False),
+        (8, PER_CHANNEL, True, True),
+        (8, 64, False, False),
+    ],
+)
+def test_quant_linear_forward(bits, group_size, symmetric, has_bias, dtype):
+    spec = QuantSpec(bits, group_size, symmetric)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(N, 576, generator=gen) * 0.05
+    bias = torch.randn(N, generator=gen).to(dtype) if has_bias else None
+    layer = QuantLinear.from_packed(rtn_quantize(weight, spec, dtype), spec, bias, dtype)
+    assert (layer.in_features, layer.out_features) == (576, N)
+    assert layer.weight_scale.dtype == dtype
+    assert (layer.weight_zero_point is None) == symmetric
+    assert layer.weight_shape.tolist() == [N, 576]
+
+    qparams = choose_qparams(weight, spec, dtype)
+    w_deq = dequantize(quantize(weight, qparams, spec), qparams, spec, dtype=dtype)
+    x = torch.randn(2, 5, 576, generator=gen).to(dtype)
+    expected = F.linear(x, w_deq)
+    if bias is not None:
+        expected = expected + bias
+    y = layer(x)
+    assert y.shape == (2, 5, N)
+    assert y.dtype == dtype
+    # Same dequantization and the same matmul in the same dtype: bit-identical.
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_quant_linear_state_dict_names():
+    spec = QuantSpec(4, 64, symmetric=False)
+    layer = QuantLinear.from_packed(
+        rtn_quantize(torch.randn(N, 256), spec, torch.bfloat16),
+        spec,
+        torch.zeros(N, dtype=torch.bfloat16),
+        torch.bfloat16,
+    )
+    assert set(layer.state_dict()) == {
+        "weight_packed",
+        "weight_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "bias",
+    }
+
+
+def test_quant_linear_int4_g64_stored_bytes():
+    out_features, in_features = 1536, 576
+    spec = QuantSpec(4, 64, symmetric=False)
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(4))
+    layer = QuantLinear.from_packed(
+        rtn_quantize(weight, spec, torch.bfloat16), spec, None, torch.bfloat16
+    )
+    bf16_bytes = out_features * in_features * 2
+    expected = (
+        out_features * in_features // 2  # packed nibbles
+        + out_features * (in_features // 64) * 2  # bf16 scales
+        + (out_features * 4 // 32) * (in_features // 64) * 4  # packed int32 zero points
+        + 2 * 8  # weight_shape, int64 (2,)
+    )
+    assert layer.stored_bytes() == expected
+    assert layer.stored_bytes() <= 0.3 * bf16_bytes
