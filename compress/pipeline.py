@@ -16,6 +16,7 @@ The judged artifact finally moves, atomically, to `<output>/release/<name>/` (sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,10 +31,18 @@ from torch import nn
 
 import compress.stages  # noqa: F401  (fills the stage registry)
 from compress.artifact import WEIGHTS, load_artifact, save_artifact
-from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError, DataError
+from compress.calibration import (
+    calibration_batches,
+    check_calibration_source,
+    check_text_source,
+    evaluation_windows,
+    load_text,
+)
+from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError
 from compress.evaluate import lm_eval_runner
 from compress.evaluate.gate import decide
 from compress.evaluate.lm_eval_runner import TaskResult
+from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.evaluate.report import build_report, render_markdown
 from compress.fileio import atomic_write_json, atomic_write_text, replace_dir, sha256_file
 from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
@@ -42,6 +51,8 @@ from compress.recipe import EvalConfig, Recipe, TaskConfig, dump_recipe, load_re
 from compress.registry import StageContext, handler_for
 
 log = logging.getLogger(__name__)
+
+QUALITY_FIELD = "eval.quality.path"
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,10 @@ def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
     """Everything that can be checked without loading the model (fast, fails with a path)."""
     data_dir = lm_eval_runner.resolve_eval_data_dir(recipe.eval)
     lm_eval_runner.check_tasks(recipe.eval)
-    if recipe.calibration is not None and not Path(recipe.calibration.path).is_file():
-        raise DataError(f"calibration.path: {recipe.calibration.path} does not exist")
+    if recipe.calibration is not None:
+        check_calibration_source(recipe.calibration)
+    if recipe.eval.quality is not None:
+        check_text_source(recipe.eval.quality.path, field=QUALITY_FIELD)
     return resolve_source(recipe.model), data_dir
 
 
@@ -177,9 +190,22 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_stages(model: nn.Module, recipe: Recipe, layout: Layout, state: WorkState) -> nn.Module:
+def stage_context(recipe: Recipe, tokenizer: Any) -> StageContext:
+    calibration = recipe.calibration
+    if calibration is None:
+        return StageContext(dtype=recipe.dtype)
+    return StageContext(
+        dtype=recipe.dtype,
+        calibration_windows=functools.cache(lambda: calibration_batches(calibration, tokenizer)),
+        calibration_batch_size=calibration.batch_size,
+    )
+
+
+def run_stages(
+    model: nn.Module, tokenizer: Any, recipe: Recipe, layout: Layout, state: WorkState
+) -> nn.Module:
     """Run the stages not yet completed, checkpointing after each one."""
-    context = StageContext(dtype=recipe.dtype)
+    context = stage_context(recipe, tokenizer)
     for index in range(len(state.stages), len(recipe.stages)):
         stage = recipe.stages[index]
         log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
@@ -239,6 +265,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
     timings["load + preflight"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    quality_baseline = capture_quality_baseline(model, tokenizer, recipe)
     baseline_paths = {
         task.name: layout.baseline_cache(
             task_cache_key(source_sha, recipe.dtype, recipe.eval, task)
@@ -256,7 +283,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
             log.info("resuming after stage %d from %s", len(state.stages), layout.checkpoint)
             del model
             model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
-        model = run_stages(model, recipe, layout, state)
+        model = run_stages(model, tokenizer, recipe, layout, state)
         save_artifact(
             model,
             tokenizer,
@@ -286,6 +313,11 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
     artifact_scores, _ = evaluate_cached(
         artifact_model, artifact_tokenizer, recipe.eval, data_dir, artifact_paths, "artifact"
     )
+    quality = (
+        None
+        if quality_baseline is None
+        else measure_quality(artifact_model, quality_baseline.windows, quality_baseline).to_dict()
+    )
     timings["artifact eval"] = time.perf_counter() - t
 
     decision = decide(baseline, artifact_scores, recipe.gate)
@@ -304,6 +336,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
             "artifact": {k: v.to_dict() for k, v in artifact_scores.items()},
         },
         source={"display": resolved.display, "sha256": source_sha},
+        quality=quality,
     )
     atomic_write_json(layout.artifact / "report.json", report)
     atomic_write_text(layout.artifact / "report.md", render_markdown(report))
@@ -320,6 +353,18 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
         artifact_dir=final,
         report=report,
     )
+
+
+def capture_quality_baseline(
+    model: nn.Module, tokenizer: Any, recipe: Recipe
+) -> BaselineLogProbs | None:
+    """The baseline's side of perplexity / KL, taken before any stage changes the model."""
+    config = recipe.eval.quality
+    if config is None:
+        return None
+    text = load_text(config.path, field=QUALITY_FIELD)
+    windows = evaluation_windows(text, tokenizer, config.seq_len, config.max_windows)
+    return baseline_logprobs(model, windows)
 
 
 def _open_work(layout: Layout, recipe: Recipe, resume: bool) -> WorkState:

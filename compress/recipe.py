@@ -37,10 +37,14 @@ class ModelConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    path: str = Field(..., description="UTF-8 text file to draw calibration windows from")
-    num_samples: int = Field(128, gt=0)
-    seq_len: int = Field(512, gt=0)
-    seed: int = 0
+    path: str = Field(
+        ...,
+        description="UTF-8 text file, or `hf:<dataset>[:<config>]:<split>[:<column>]`",
+    )
+    num_samples: int = Field(128, gt=0, description="windows drawn from the text")
+    seq_len: int = Field(512, gt=0, description="tokens per window")
+    seed: int = Field(0, description="which windows are drawn")
+    batch_size: int = Field(8, gt=0, description="windows per forward pass while calibrating")
 
 
 class TaskConfig(_Strict):
@@ -53,8 +57,21 @@ class TaskConfig(_Strict):
     )
 
 
+class QualityConfig(_Strict):
+    """Perplexity and KL divergence to the baseline on held-out text: cheap, sensitive signals."""
+
+    path: str = Field(
+        ..., description="held-out UTF-8 text file, or `hf:<dataset>[:<config>]:<split>[:<column>]`"
+    )
+    seq_len: int = Field(512, gt=0, description="tokens per window")
+    max_windows: int = Field(8, gt=0, description="consecutive windows from the start")
+
+
 class EvalConfig(_Strict):
     tasks: list[TaskConfig] = Field(..., min_length=1)
+    quality: QualityConfig | None = Field(
+        None, description="perplexity / KL divergence / top-1 agreement vs the baseline"
+    )
     batch_size: int = Field(1, gt=0)
     seed: int = Field(1234, description="few-shot sampling seed")
     data_dir: str | None = Field(
@@ -103,6 +120,17 @@ class Recipe(_Strict):
     eval: EvalConfig
     gate: GateConfig
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _calibration_when_needed(self) -> Recipe:
+        needing = [
+            f"stages[{i}]"
+            for i, stage in enumerate(self.stages)
+            if getattr(stage, "method", None) == "gptq"
+        ]
+        if needing and self.calibration is None:
+            raise ValueError(f"{', '.join(needing)} (method gptq) need a `calibration` section")
+        return self
 
     @model_validator(mode="after")
     def _budgets_name_tasks(self) -> Recipe:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
@@ -20,6 +21,10 @@ class StageContext:
     """What a stage may read besides the model and its own config."""
 
     dtype: str  # the recipe's dtype name, e.g. "bfloat16"
+    # Calibration token windows (num_samples, seq_len), built on first call; None when the
+    # recipe has no calibration section (stages that need one are refused at validation).
+    calibration_windows: Callable[[], torch.Tensor] | None = None
+    calibration_batch_size: int = 8
 
 
 @dataclass(frozen=True)

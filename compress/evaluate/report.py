@@ -16,6 +16,7 @@ def build_report(
     timings: dict[str, float],
     evaluation: dict[str, Any],
     source: dict[str, Any],
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "recipe": recipe_name,
@@ -23,6 +24,7 @@ def build_report(
         "gate": decision.to_dict(),
         "source": source,
         "evaluation": evaluation,
+        "quality": quality,
         "stages": stages,
         "sizes": sizes,
         "timings_s": timings,
@@ -58,6 +60,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| [{_pct(paired['ci_low'])}, {_pct(paired['ci_high'])}] | {budget} "
             f"| {'yes' if t['passed'] else 'NO'} |"
         )
+    quality = report.get("quality")
+    if quality:
+        lines += [
+            "",
+            "## Quality on held-out text",
+            "",
+            f"{quality['num_windows']} windows, {quality['num_tokens']:,} predicted tokens.",
+            "",
+            "| perplexity (baseline) | perplexity (artifact) | KL(baseline ‖ artifact) / token "
+            "| top-1 agreement |",
+            "|---|---|---|---|",
+            f"| {quality['baseline_perplexity']:.3f} | {quality['perplexity']:.3f} "
+            f"| {quality['kl_divergence']:.4f} | {_pct(quality['top1_agreement'])}% |",
+        ]
     sizes = report["sizes"]
     lines += [
         "",

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PER_CHANNEL = -1  # the one `group_size` vocabulary: -1 = one scale per output channel
+
+
+class GPTQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damp_percent: float = Field(
+        0.01, gt=0, le=1, description="dampening added to the Hessian, × its mean diagonal"
+    )
+    block_size: int = Field(128, gt=0, description="columns per lazy batch update")
+    act_order: bool = Field(
+        False,
+        description="quantize columns by decreasing Hessian diagonal; groups stay static, so "
+        "the stored layout needs no permutation",
+    )
 
 
 class QuantizeConfig(BaseModel):
@@ -19,8 +40,8 @@ class QuantizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["quantize"] = "quantize"
-    method: Literal["rtn"] = Field(
-        "rtn", description="rounding method; round-to-nearest (calibration-based methods follow)"
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="rtn = round to nearest; gptq = error-compensating, needs calibration"
     )
     bits: Literal[4, 8] = Field(..., description="bits per stored weight")
     group_size: int = Field(
@@ -33,6 +54,17 @@ class QuantizeConfig(BaseModel):
         "inside the decoder layers (embeddings and lm_head stay in the source dtype)",
     )
     exclude: list[str] = Field(default_factory=list, description="glob patterns to leave alone")
+    gptq: GPTQOptions | None = Field(None, description="GPTQ settings (method gptq only)")
+
+    @model_validator(mode="after")
+    def _gptq_options_only_for_gptq(self) -> QuantizeConfig:
+        if self.gptq is not None and self.method != "gptq":
+            raise ValueError("`gptq` options are set but method is not gptq")
+        return self
+
+    @property
+    def gptq_options(self) -> GPTQOptions:
+        return self.gptq or GPTQOptions()
 
     @field_validator("group_size")
     @classmethod

@@ -6,15 +6,19 @@ import logging
 from collections import defaultdict
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import PreflightError
 from compress.models import DTYPES, decoder_layers_prefix, replace_module
 from compress.quant.config import PER_CHANNEL, QuantizeConfig
+from compress.quant.gptq import accumulate_hessian, gptq_quantize
 from compress.quant.linear import QuantLinear
+from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec
 from compress.quant.rtn import rtn_quantize
+from compress.quant.sequential import quantize_sequentially
 from compress.registry import StageContext, StageResult, register_stage
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,14 @@ def _workable_group_sizes(in_features: set[int], bits: int) -> list[int]:
 def preflight(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any weight is touched."""
     layers = select_layers(model, config)
+    if config.method == "gptq":
+        prefix = decoder_layers_prefix(model) + "."
+        outside = sorted(n for n in layers if not n.startswith(prefix))
+        if outside:
+            raise PreflightError(
+                f"method gptq calibrates Linear layers inside the decoder layers ({prefix}*); "
+                f"{outside} are outside: quantize them in a separate `method: rtn` stage"
+            )
     by_k: dict[int, list[str]] = defaultdict(list)
     for name, layer in layers.items():
         by_k[layer.in_features].append(name)
@@ -103,23 +115,91 @@ def _describe_layers(problem: str, by_k: dict[int, list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _quantize_rtn(
+    model: nn.Module, layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype: torch.dtype
+) -> dict[str, float]:
+    for name, layer in tqdm(layers.items(), desc="quantize (rtn)", unit="layer"):
+        packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype)
+        replace_module(model, name, _quant_linear(layer, packed, spec))
+    return {}
+
+
+def _quantize_gptq(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    config: QuantizeConfig,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype,
+    context: StageContext,
+) -> dict[str, float]:
+    if context.calibration_windows is None:
+        raise PreflightError("method gptq needs calibration windows (recipe `calibration`)")
+    windows = context.calibration_windows()  # (num_samples, seq_len)
+    options = config.gptq_options
+    errors: list[float] = []
+    raised_damp = dead = 0
+
+    def quantize(name: str, layer: nn.Linear, hessian: torch.Tensor, _rows: int) -> nn.Module:
+        nonlocal raised_damp, dead
+        result = gptq_quantize(
+            layer.weight.detach(),
+            hessian,
+            spec,
+            scale_dtype,
+            block_size=options.block_size,
+            damp_percent=options.damp_percent,
+            act_order=options.act_order,
+        )
+        errors.append(result.error)
+        raised_damp += result.damp > options.damp_percent
+        dead += result.dead_columns
+        log.debug("gptq %s: error %.4g, damp %.3g", name, result.error, result.damp)
+        return _quant_linear(layer, result.packed, spec)
+
+    replaced = quantize_sequentially(
+        model,
+        layers,
+        windows,
+        batch_size=context.calibration_batch_size,
+        accumulate=accumulate_hessian,
+        quantize=quantize,
+    )
+    if replaced != len(layers):
+        raise RuntimeError(f"gptq replaced {replaced} of {len(layers)} selected layers")
+    return {
+        "calibration_tokens": int(windows.numel()),
+        "gptq_error_mean": sum(errors) / len(errors),
+        "gptq_error_max": max(errors),
+        "layers_with_raised_damp": int(raised_damp),
+        "dead_input_columns": int(dead),
+    }
+
+
+def _quant_linear(layer: nn.Linear, packed: PackedWeight, spec: QuantSpec) -> QuantLinear:
+    bias = None if layer.bias is None else layer.bias.detach()
+    return QuantLinear.from_packed(packed, spec, bias, layer.weight.dtype)
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 @register_stage(QuantizeConfig, preflight=preflight)
 def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageContext) -> StageResult:
     spec = spec_of(config)
     scale_dtype = DTYPES[context.dtype]
     layers = select_layers(model, config)
-    bytes_before = bytes_after = 0
-    for name, layer in tqdm(layers.items(), desc=f"quantize {config.scheme}", unit="layer"):
-        packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype)
-        bias = None if layer.bias is None else layer.bias.detach()
-        quantized = QuantLinear.from_packed(packed, spec, bias, layer.weight.dtype)
-        bytes_before += sum(p.numel() * p.element_size() for p in layer.parameters())
-        bytes_after += quantized.stored_bytes()
-        replace_module(model, name, quantized)
+    bytes_before = sum(_param_bytes(layer) for layer in layers.values())
+    if config.method == "gptq":
+        extra = _quantize_gptq(model, layers, config, spec, scale_dtype, context)
+    else:
+        extra = _quantize_rtn(model, layers, spec, scale_dtype)
+    bytes_after = sum(model.get_submodule(name).stored_bytes() for name in layers)
     log.info(
-        "quantized %d layers to %s: %.1f MB → %.1f MB",
+        "quantized %d layers to %s (%s): %.1f MB → %.1f MB",
         len(layers),
         config.scheme,
+        config.method,
         bytes_before / 1e6,
         bytes_after / 1e6,
     )
@@ -132,5 +212,6 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "ratio": bytes_after / bytes_before,
+            **extra,
         },
     )

@@ -92,7 +92,17 @@ def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
 
 def test_ship(tmp_path, tiny_llama_dir, scorer):
     scripted = scorer(artifact_right=N_ITEMS - 1)  # a 5-point drop, within the 10-point budget
-    outcome = pipeline.run(write_recipe(tmp_path, tiny_llama_dir))
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        eval={
+            "tasks": [{"name": "mmlu", "limit": 1}, {"name": "gsm8k", "limit": 2}],
+            "quality": {"path": str(held_out), "seq_len": 64, "max_windows": 3},
+        },
+    )
+    outcome = pipeline.run(recipe)
     runs = tmp_path / "runs"
     assert outcome.verdict == "ship" and outcome.exit_code == EXIT_OK
     assert outcome.artifact_dir == runs / "release" / "tiny-mixed"
@@ -104,7 +114,12 @@ def test_ship(tmp_path, tiny_llama_dir, scorer):
     assert mmlu["paired"]["baseline_only"] == 1
     assert [s["type"] for s in report["stages"]] == ["quantize", "quantize"]
     assert report["sizes"]["quantized_layers_ratio"] < 0.5
-    assert "SHIP" in (outcome.artifact_dir / "report.md").read_text()
+    quality = report["quality"]
+    assert quality["num_windows"] == 3 and quality["kl_divergence"] > 0
+    assert 0 < quality["top1_agreement"] <= 1
+    assert quality["perplexity"] != quality["baseline_perplexity"]
+    markdown = (outcome.artifact_dir / "report.md").read_text()
+    assert "SHIP" in markdown and "KL(baseline ‖ artifact)" in markdown
     assert not (runs / "rejected").exists() and not (runs / "work" / "tiny-mixed").exists()
     assert [label for label, _ in scripted.calls] == ["baseline", "artifact"]
 
@@ -229,6 +244,33 @@ def test_missing_eval_data_dir_exits_2(tmp_path, tiny_llama_dir, scorer, caplog)
     )
     assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
     assert "no-data" in caplog.text
+
+
+def test_gptq_through_the_pipeline_with_calibration(tmp_path, tiny_llama_dir, scorer):
+    scorer(artifact_right=N_ITEMS)
+    text = tmp_path / "calibration.txt"
+    text.write_text("Calibration text about many different things, numbers 1 2 3. " * 300)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        calibration={"path": str(text), "num_samples": 4, "seq_len": 32, "batch_size": 2},
+        stages=[{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}],
+    )
+    outcome = pipeline.run(recipe)
+    details = outcome.report["stages"][0]["details"]
+    assert details["method"] == "gptq" and details["calibration_tokens"] == 4 * 32
+
+
+def test_missing_calibration_file_exits_2(tmp_path, tiny_llama_dir, scorer, caplog):
+    scripted = scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        calibration={"path": str(tmp_path / "missing.txt")},
+        stages=[{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}],
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert "calibration.path" in caplog.text and scripted.calls == []
 
 
 def test_bad_recipe_exits_2_naming_the_field(tmp_path, tiny_llama_dir, caplog):
