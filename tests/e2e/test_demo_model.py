@@ -47,6 +47,17 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
         {"name": "gsm8k", "num_fewshot": 5, "limit": 1, "max_gen_toks": 16},
     ]
     recipe["gate"]["budgets"] = {"mmlu_anatomy": {"max_drop": 1.0}, "gsm8k": {"max_drop": 1.0}}
+    # The recipe's own GPTQ calibration and quality windows, made small to keep this quick;
+    # paths are absolute because the run's working directory is tmp_path.
+    recipe["calibration"] |= {
+        "path": str(SHARED_DATA / "wikitext-2" / "valid.txt"),
+        "num_samples": 4,
+        "seq_len": 256,
+    }
+    recipe["eval"]["quality"] |= {
+        "path": str(SHARED_DATA / "wikitext-2" / "test.txt"),
+        "max_windows": 2,
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
@@ -69,6 +80,10 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     assert set(tasks) == {"mmlu_anatomy", "gsm8k"}
     assert tasks["mmlu_anatomy"]["paired"]["n"] == 3 and tasks["gsm8k"]["paired"]["n"] == 1
     assert report["sizes"]["quantized_layers_ratio"] <= 0.3  # INT4 g64 vs bf16
+    assert report["stages"][0]["details"]["method"] == "gptq"
+    # GPTQ INT4 g64 on this model: KL ≈ 0.11 with 32 calibration windows; 4 short ones here.
+    assert 0 < report["quality"]["kl_divergence"] < 0.3
+    assert report["quality"]["top1_agreement"] > 0.7
     for label in ("baseline", "artifact"):
         items = report["evaluation"][label]["mmlu_anatomy"]["items"]
         assert len(items) == 3 and set(items.values()) <= {0.0, 1.0}
