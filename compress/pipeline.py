@@ -30,7 +30,7 @@ from typing import Any
 from torch import nn
 
 import compress.stages  # noqa: F401  (fills the stage registry)
-from compress.artifact import WEIGHTS, load_artifact, save_artifact
+from compress.artifact import WEIGHTS, load_artifact, read_manifest, save_artifact
 from compress.calibration import (
     calibration_batches,
     check_calibration_source,
@@ -44,7 +44,7 @@ from compress.evaluate.gate import decide
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.evaluate.report import build_report, render_markdown
-from compress.fileio import atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from compress.fileio import atomic_write_json, atomic_write_text, replace_dir
 from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
 from compress.quant.linear import QuantLinear
 from compress.recipe import EvalConfig, Recipe, TaskConfig, dump_recipe, load_recipe
@@ -307,7 +307,8 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
     t = time.perf_counter()
     artifact_model, artifact_tokenizer = load_artifact(layout.artifact)
     _log_quantized(artifact_model)
-    weights_sha = sha256_file(layout.artifact / WEIGHTS)
+    # load_artifact has just verified every hash against the manifest: reuse, do not rehash.
+    weights_sha = read_manifest(layout.artifact)["files"][WEIGHTS]["sha256"]
     artifact_paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
     _discard_stale_artifact_scores(artifact_paths, weights_sha, layout)
     artifact_scores, _ = evaluate_cached(
