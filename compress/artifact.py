@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE_LOCK = "recipe.lock.yaml"
 FORMAT_VERSION = 1
+PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name for the layout in quant/packing.py
 # Files the pipeline adds after the manifest is sealed; verify() allows them.
 REPORT_FILES = frozenset({"report.json", "report.md"})
 _VERSIONED_PACKAGES = ("compress", "torch", "transformers", "safetensors", "lm_eval", "pydantic")
@@ -103,7 +104,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     ]
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": PACKED_FORMAT,
         "quantization_status": "compressed",
         "config_groups": {
             f"group_{i}": {
@@ -118,7 +119,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _layer_specs(qconfig: dict[str, Any], linear_names: list[str]) -> dict[str, QuantSpec]:
+def layer_specs(qconfig: dict[str, Any], linear_names: list[str]) -> dict[str, QuantSpec]:
     """Which Linear gets which spec, from a `quantization_config` we wrote."""
     specs: dict[str, QuantSpec] = {}
     for group_name, group in qconfig.get("config_groups", {}).items():
@@ -177,21 +178,26 @@ def save_artifact(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_LOCK).write_text(recipe_yaml, encoding="utf-8")
-        files = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "versions": package_versions(),
-            **manifest_fields,
-            "files": files,
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        seal_manifest(tmp, manifest_fields)
     log.info("artifact written to %s", final_dir)
     return final_dir
+
+
+def seal_manifest(directory: Path, fields: dict[str, Any]) -> None:
+    """Write manifest.json: `fields` plus the sha256 and size of every file in `directory`."""
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        **fields,
+        "files": files,
+    }
+    atomic_write_json(directory / MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------- verify / inspect
@@ -244,6 +250,8 @@ def describe_artifact(path: Path) -> dict[str, Any]:
         "source": manifest.get("source"),
         "dtype": manifest.get("dtype"),
         "architecture": config.get("architectures"),
+        "format": qconfig.get("format"),
+        "export": manifest.get("export"),
         "quantization": schemes,
         "unquantized_linear": qconfig.get("ignore", []),
         "stages": [s.get("summary") for s in manifest.get("stages", [])],
@@ -262,12 +270,19 @@ def build_model(path: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is not None:
+        stored_format = qconfig.get("format")
+        if stored_format != PACKED_FORMAT:
+            raise ArtifactError(
+                f"{path / 'config.json'}: quantization_config.format is {stored_format!r}; "
+                f"compress loads {PACKED_FORMAT!r} artifacts (an export in another format is "
+                "for other runtimes: load it with transformers' AutoModelForCausalLM)"
+            )
         # We rebuild the quantized layers ourselves; transformers must not try to.
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if qconfig:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for name, spec in _layer_specs(qconfig, linear_names).items():
+        for name, spec in layer_specs(qconfig, linear_names).items():
             linear = model.get_submodule(name)
             replace_module(
                 model,

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.errors import DataError
+from compress.errors import BadInputError, DataError
 from compress.recipe import CalibrationConfig
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,28 @@ def check_text_source(source: str, *, field: str = CALIBRATION_FIELD) -> None:
 
 
 def check_calibration_source(cfg: CalibrationConfig) -> None:
-    """`check_text_source` for the recipe's `calibration.path`."""
+    """`check_text_source` for the recipe's `calibration.path`, and its device."""
     check_text_source(cfg.path, field=CALIBRATION_FIELD)
+    calibration_device(cfg.device)
+
+
+def calibration_device(spec: str) -> torch.device:
+    """`calibration.device` → a device this machine has (`auto`: cuda if available)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(
+                f"calibration.device: {spec!r}, but torch {torch.__version__} sees no CUDA "
+                "device here; use cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInputError(
+                f"calibration.device: {spec!r}, but only {torch.cuda.device_count()} CUDA "
+                "device(s) are visible"
+            )
+    return device
 
 
 def calibration_batches(cfg: CalibrationConfig, tokenizer: Any) -> torch.Tensor:

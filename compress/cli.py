@@ -1,4 +1,4 @@
-"""`compress run | inspect | verify`: argument parsing and exit codes only; no logic here."""
+"""`compress run | inspect | verify | export`: argument parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from compress.export import export_artifact
+
+    export_artifact(Path(args.path), Path(args.out), args.format, overwrite=args.overwrite)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
@@ -70,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="recompute an artifact's hashes against its manifest")
     verify.add_argument("path")
     verify.set_defaults(handler=_cmd_verify)
+
+    export = sub.add_parser(
+        "export",
+        help="write a verified copy of an artifact in another format",
+        description="int-quantized: unpacked int8 codes that stock transformers with "
+        "compressed-tensors loads even for asymmetric layers (see compress/export.py)",
+    )
+    export.add_argument("path", help="artifact directory")
+    export.add_argument("out", help="directory to write")
+    export.add_argument("--format", required=True, choices=["int-quantized"])
+    export.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
+    export.set_defaults(handler=_cmd_export)
     return parser
 
 

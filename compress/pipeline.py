@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import logging
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import compress.stages  # noqa: F401  (fills the stage registry)
 from compress.artifact import WEIGHTS, load_artifact, read_manifest, save_artifact
 from compress.calibration import (
     calibration_batches,
+    calibration_device,
     check_calibration_source,
     check_text_source,
     evaluation_windows,
@@ -46,6 +46,7 @@ from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measu
 from compress.evaluate.report import build_report, render_markdown
 from compress.fileio import atomic_write_json, atomic_write_text, replace_dir
 from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
+from compress.profiling import PeakMemory
 from compress.quant.linear import QuantLinear
 from compress.recipe import EvalConfig, Recipe, TaskConfig, dump_recipe, load_recipe
 from compress.registry import StageContext, handler_for
@@ -186,10 +187,6 @@ def evaluate_cached(
 # --------------------------------------------------------------------------- stages
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def stage_context(recipe: Recipe, tokenizer: Any) -> StageContext:
     calibration = recipe.calibration
     if calibration is None:
@@ -198,6 +195,7 @@ def stage_context(recipe: Recipe, tokenizer: Any) -> StageContext:
         dtype=recipe.dtype,
         calibration_windows=functools.cache(lambda: calibration_batches(calibration, tokenizer)),
         calibration_batch_size=calibration.batch_size,
+        calibration_device=calibration_device(calibration.device),
     )
 
 
@@ -210,7 +208,8 @@ def run_stages(
         stage = recipe.stages[index]
         log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
         start = time.perf_counter()
-        result = handler_for(stage).apply(model, stage, context)
+        with PeakMemory() as memory:
+            result = handler_for(stage).apply(model, stage, context)
         seconds = time.perf_counter() - start
         save_artifact(
             model,
@@ -226,7 +225,7 @@ def run_stages(
                 "summary": result.summary,
                 "details": result.details,
                 "seconds": seconds,
-                "peak_rss_bytes": _peak_rss_bytes(),
+                "memory": memory.result.to_dict(),
             }
         )
         state.save(layout.state)
@@ -317,11 +316,11 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
     quality = (
         None
         if quality_baseline is None
-        else measure_quality(artifact_model, quality_baseline.windows, quality_baseline).to_dict()
+        else measure_quality(artifact_model, quality_baseline.windows, quality_baseline)
     )
     timings["artifact eval"] = time.perf_counter() - t
 
-    decision = decide(baseline, artifact_scores, recipe.gate)
+    decision = decide(baseline, artifact_scores, recipe.gate, quality)
     timings["total"] = time.perf_counter() - t_start
     report = build_report(
         recipe_name=recipe.name,
@@ -337,7 +336,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
             "artifact": {k: v.to_dict() for k, v in artifact_scores.items()},
         },
         source={"display": resolved.display, "sha256": source_sha},
-        quality=quality,
+        quality=None if quality is None else quality.to_dict(),
     )
     atomic_write_json(layout.artifact / "report.json", report)
     atomic_write_text(layout.artifact / "report.md", render_markdown(report))

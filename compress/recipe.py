@@ -45,6 +45,13 @@ class CalibrationConfig(_Strict):
     seq_len: int = Field(512, gt=0, description="tokens per window")
     seed: int = Field(0, description="which windows are drawn")
     batch_size: int = Field(8, gt=0, description="windows per forward pass while calibrating")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="where each decoder layer runs while it is calibrated; the model stays "
+        "where it was loaded (CPU memory) and one layer at a time is moved there, so the model "
+        "need not fit on the GPU. auto = cuda if available, else cpu",
+    )
 
 
 class TaskConfig(_Strict):
@@ -95,8 +102,40 @@ class Budget(_Strict):
     )
 
 
+class QualityBudget(_Strict):
+    """Limits on the held-out-text signals (`eval.quality`); each is optional."""
+
+    max_kl_divergence: float | None = Field(
+        None, gt=0, description="largest allowed mean KL(baseline ‖ artifact) per token, nats"
+    )
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="largest allowed relative perplexity increase (0.1 = +10 %)"
+    )
+    min_top1_agreement: float | None = Field(
+        None, gt=0, le=1, description="smallest allowed share of positions with the same top-1"
+    )
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> QualityBudget:
+        if all(value is None for value in self.model_dump().values()):
+            raise ValueError(
+                "set at least one of max_kl_divergence, max_perplexity_increase, "
+                "min_top1_agreement (or leave gate.quality out)"
+            )
+        return self
+
+
 class GateConfig(_Strict):
-    budgets: dict[str, Budget] = Field(..., min_length=1, description="task name → budget")
+    budgets: dict[str, Budget] = Field(default_factory=dict, description="task name → budget")
+    quality: QualityBudget | None = Field(
+        None, description="budgets on perplexity / KL / top-1 agreement (needs eval.quality)"
+    )
+
+    @model_validator(mode="after")
+    def _something_gated(self) -> GateConfig:
+        if not self.budgets and self.quality is None:
+            raise ValueError("no budget: set gate.budgets (per task) and/or gate.quality")
+        return self
 
 
 class OutputConfig(_Strict):
@@ -140,6 +179,14 @@ class Recipe(_Strict):
             raise ValueError(
                 f"gate.budgets names tasks that eval.tasks does not run: {unknown} "
                 f"(eval.tasks: {sorted(task_names)})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quality_budget_needs_quality_eval(self) -> Recipe:
+        if self.gate.quality is not None and self.eval.quality is None:
+            raise ValueError(
+                "gate.quality needs eval.quality (the held-out text its signals are measured on)"
             )
         return self
 

@@ -25,6 +25,8 @@ class StageContext:
     # recipe has no calibration section (stages that need one are refused at validation).
     calibration_windows: Callable[[], torch.Tensor] | None = None
     calibration_batch_size: int = 8
+    # Where each decoder layer is moved while it is calibrated (the model itself stays put).
+    calibration_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 @dataclass(frozen=True)

@@ -3,17 +3,22 @@
 The verdict rule here is the budget on the point estimate of the drop (`max_drop`); every
 decision also carries the paired 95% confidence interval of the drop, computed on the items
 both models answered, so a reader sees how much of the drop is noise.
+
+Optional quality budgets (`gate.quality`) limit the held-out-text signals: KL divergence to
+the baseline, relative perplexity increase, top-1 agreement. They move long before benchmark
+accuracy does, so they catch a damaged artifact that a few hundred items cannot.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from compress.errors import BadInputError
 from compress.evaluate.lm_eval_runner import TaskResult
-from compress.recipe import GateConfig
+from compress.evaluate.quality import QualityResult
+from compress.recipe import GateConfig, QualityBudget
 
 Z_95 = 1.959963984540054
 
@@ -46,16 +51,53 @@ class TaskVerdict:
 
 
 @dataclass(frozen=True)
+class QualityVerdict:
+    """One held-out-text signal against its limit (`kind` says which side is bad)."""
+
+    signal: Literal["kl_divergence", "perplexity_increase", "top1_agreement"]
+    value: float
+    limit: float
+    kind: Literal["max", "min"]
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+
+
+@dataclass(frozen=True)
 class GateDecision:
     verdict: Literal["ship", "reject"]
     tasks: list[TaskVerdict]
+    quality: list[QualityVerdict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "verdict": self.verdict,
-            "rule": "point estimate of the drop within max_drop, every gated task",
+            "rule": "point estimate of the drop within max_drop, every gated task"
+            + ("; every quality budget met" if self.quality else ""),
             "tasks": [{**asdict(t), "drop": t.drop} for t in self.tasks],
+            "quality": [{**asdict(q), "passed": q.passed} for q in self.quality],
         }
+
+
+def quality_verdicts(budget: QualityBudget, quality: QualityResult) -> list[QualityVerdict]:
+    """The configured quality limits, each checked against the measurement."""
+    verdicts = []
+    if budget.max_kl_divergence is not None:
+        verdicts.append(
+            QualityVerdict("kl_divergence", quality.kl_divergence, budget.max_kl_divergence, "max")
+        )
+    if budget.max_perplexity_increase is not None:
+        increase = quality.perplexity / quality.baseline_perplexity - 1
+        verdicts.append(
+            QualityVerdict("perplexity_increase", increase, budget.max_perplexity_increase, "max")
+        )
+    if budget.min_top1_agreement is not None:
+        agreement = quality.top1_agreement
+        verdicts.append(
+            QualityVerdict("top1_agreement", agreement, budget.min_top1_agreement, "min")
+        )
+    return verdicts
 
 
 def paired_drop(baseline: dict[str, float], artifact: dict[str, float]) -> PairedDrop:
@@ -85,9 +127,14 @@ def paired_drop(baseline: dict[str, float], artifact: dict[str, float]) -> Paire
 
 
 def decide(
-    baseline: dict[str, TaskResult], artifact: dict[str, TaskResult], gate: GateConfig
+    baseline: dict[str, TaskResult],
+    artifact: dict[str, TaskResult],
+    gate: GateConfig,
+    quality: QualityResult | None = None,
 ) -> GateDecision:
-    """Ship only if every task with a budget stays within it."""
+    """Ship only if every task with a budget, and every quality budget, stays within it."""
+    if gate.quality is not None and quality is None:
+        raise BadInputError("gate.quality is set but no quality measurement was made")
     verdicts = []
     for task, base in baseline.items():
         art = artifact[task]
@@ -107,4 +154,6 @@ def decide(
                 passed=passed,
             )
         )
-    return GateDecision("ship" if all(v.passed for v in verdicts) else "reject", verdicts)
+    checks = [] if gate.quality is None else quality_verdicts(gate.quality, quality)
+    passed = all(v.passed for v in verdicts) and all(q.passed for q in checks)
+    return GateDecision("ship" if passed else "reject", verdicts, checks)

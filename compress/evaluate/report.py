@@ -74,6 +74,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {quality['baseline_perplexity']:.3f} | {quality['perplexity']:.3f} "
             f"| {quality['kl_divergence']:.4f} | {_pct(quality['top1_agreement'])}% |",
         ]
+    if gate.get("quality"):
+        lines += ["", "| quality budget | value | limit | pass |", "|---|---|---|---|"]
+        for q in gate["quality"]:
+            bound = "≤" if q["kind"] == "max" else "≥"
+            lines.append(
+                f"| {q['signal']} | {q['value']:.4f} | {bound} {q['limit']:.4f} "
+                f"| {'yes' if q['passed'] else 'NO'} |"
+            )
     sizes = report["sizes"]
     lines += [
         "",
@@ -91,13 +99,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        "| # | stage | summary | time (s) | peak RSS |",
-        "|---|---|---|---|---|",
+        "| # | stage | summary | time (s) | peak RSS (+ over its start) | peak CUDA |",
+        "|---|---|---|---|---|---|",
     ]
     for s in report["stages"]:
+        memory = s["memory"]
+        cuda = "—" if memory["cuda_peak_bytes"] is None else _mb(memory["cuda_peak_bytes"])
         lines.append(
             f"| {s['index']} | {s['type']} | {s['summary']} | {s['seconds']:.1f} "
-            f"| {_mb(s['peak_rss_bytes'])} |"
+            f"| {_mb(memory['peak_rss_bytes'])} (+{_mb(memory['peak_rss_increase_bytes'])}) "
+            f"| {cuda} |"
         )
     lines += ["", "## Time", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {step} | {sec:.1f} |" for step, sec in report["timings_s"].items()]

@@ -48,6 +48,12 @@ class QuantizeConfig(BaseModel):
         PER_CHANNEL, description="-1 = per output channel, else a positive group"
     )
     symmetric: bool = Field(True, description="False stores a zero point per group")
+    observer: Literal["minmax", "mse"] = Field(
+        "minmax",
+        description="how each group's range is chosen: minmax = the weights' extremes; mse = "
+        "shrunk (down to 0.8×) to the least quantization error, weighted by the Hessian "
+        "diagonal under gptq",
+    )
     include: list[str] | None = Field(
         None,
         description="glob patterns over module names to quantize; default: every Linear "

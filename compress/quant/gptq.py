@@ -28,7 +28,13 @@ import torch
 from compress.errors import CompressError
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
-from compress.quant.primitives import QParams, QuantSpec, choose_qparams, dequantize, quantize
+from compress.quant.primitives import (
+    QParams,
+    QuantSpec,
+    RangeSearch,
+    choose_qparams,
+    dequantize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,25 +175,6 @@ def _column_spec(spec: QuantSpec) -> QuantSpec:
     return QuantSpec(bits=spec.bits, group_size=PER_CHANNEL, symmetric=spec.symmetric)
 
 
-def _quantize_column(
-    column: torch.Tensor, qparams: QParams, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column `(N,)` → its codes `(N,)` int32 and their float32 dequantized values.
-
-    Goes through `primitives.quantize/dequantize`, so the value the error feedback uses is
-    exactly what the stored codes reconstruct.
-    """
-    col_spec = _column_spec(spec)
-    codes = quantize(column.unsqueeze(1), qparams, col_spec)
-    return codes.squeeze(1), dequantize(codes, qparams, col_spec).squeeze(1)
-
-
-def _slice_qparams(qparams: QParams, group: int) -> QParams:
-    return QParams(
-        scale=qparams.scale[:, group : group + 1], zero=qparams.zero[:, group : group + 1]
-    )
-
-
 def _current_group_columns(
     weight: torch.Tensor,
     block: torch.Tensor,
@@ -245,6 +232,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp_percent: float = 0.01,
     act_order: bool = False,
+    search: RangeSearch | None = None,
 ) -> GPTQResult:
     """(N, K) weight + (K, K) Hessian → the packed format of `rtn_quantize`, GPTQ-rounded.
 
@@ -270,6 +258,9 @@ def gptq_quantize(
     un-permuted at the end, and the result is an ordinary `PackedWeight`. The price is that a
     group's grid is fixed before the updates, so an updated weight may clip at the grid's edge.
 
+    `search` (the MSE observer, `primitives.RangeSearch`) picks each group's range by least
+    quantization error weighted by the Hessian diagonal, instead of min/max.
+
     Raises `ValueError` on inconsistent shapes or arguments and `GPTQError` when no result
     with only finite values can be produced.
     """
@@ -281,8 +272,15 @@ def gptq_quantize(
     h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
     w, h, dead = _repair_dead_columns(w, h)
 
+    # Each input feature's weight in the range search: its Hessian diagonal (how much an error
+    # there moves the outputs).
+    importance = torch.diagonal(h).clone()
     # Qparams fixed up front: per channel always, and every group under act_order.
-    static_qparams = choose_qparams(w, spec, scale_dtype) if (act_order or not grouped) else None
+    static_qparams = (
+        choose_qparams(w, spec, scale_dtype, search=search, importance=importance)
+        if (act_order or not grouped)
+        else None
+    )
     perm = (
         torch.argsort(torch.diagonal(h), descending=True, stable=True)
         if act_order
@@ -305,29 +303,51 @@ def gptq_quantize(
         scales = torch.zeros(n, num_groups, dtype=scale_dtype, device=w.device)
         zeros = torch.zeros(n, num_groups, dtype=torch.int32, device=w.device)
     qparams = QParams(scale=scales, zero=zeros)  # filled in place as groups are reached
+    # float32 copies for the column loop, one row per group (kept in step with `scales` and
+    # `zeros`), so quantizing a column is a handful of ops on contiguous memory. The arithmetic
+    # is that of primitives.quantize/dequantize: round(w / s) + z clamped to the grid, and
+    # (q − z)·s, all in float32, so the value the error feedback uses is exactly what the
+    # stored codes reconstruct.
+    scale_rows = scales.t().to(torch.float32).contiguous()  # (G, N)
+    zero_rows = zeros.t().to(torch.float32).contiguous()
 
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        block = w[:, start:end].clone()
+        # The block transposed: row i is column start + i, so each column's ops (and the
+        # rank-1 update of the columns after it) read contiguous memory.
+        block = w[:, start:end].t().contiguous()  # (b, N)
         errors = torch.zeros_like(block)
+        block_codes = torch.zeros_like(block)
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
             if static_qparams is None and col % group_len == 0:
-                current = _current_group_columns(w, block, errors, hinv, start, i, col + group_len)
-                chosen = choose_qparams(current, _column_spec(spec), scale_dtype)
-                scales[:, col // group_len] = chosen.scale[:, 0]
-                zeros[:, col // group_len] = chosen.zero[:, 0]
+                current = _current_group_columns(
+                    w, block.t(), errors.t(), hinv, start, i, col + group_len
+                )
+                chosen = choose_qparams(
+                    current,
+                    _column_spec(spec),
+                    scale_dtype,
+                    search=search,
+                    importance=importance[col : col + group_len],  # no permutation here
+                )
+                g = col // group_len
+                scales[:, g] = chosen.scale[:, 0]
+                zeros[:, g] = chosen.zero[:, 0]
+                scale_rows[g] = scales[:, g].to(torch.float32)
+                zero_rows[g] = zeros[:, g].to(torch.float32)
             group = group_of[col]
-            column = block[:, i]
-            q, deq = _quantize_column(column, _slice_qparams(qparams, group), spec)
-            codes[:, col] = q
-            d = hinv_block[i, i]
-            err = (column - deq) / d
-            losses[:, col] = err.square()
-            block[:, i:].addr_(err, hinv_block[i, i:], alpha=-1.0)
-            errors[:, i] = err
-        w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1.0)
+            s, z = scale_rows[group], zero_rows[group]
+            column = block[i]
+            q = torch.round(column / s).add_(z).clamp_(0, spec.qmax)
+            err = (column - (q - z).mul_(s)).div_(hinv_block[i, i])
+            block_codes[i] = q
+            block[i + 1 :].addr_(hinv_block[i, i + 1 :], err, alpha=-1.0)
+            errors[i] = err
+        codes[:, start:end] = block_codes.t().to(torch.int32)
+        losses[:, start:end] = errors.t().square()
+        w[:, end:].addmm_(errors.t(), hinv[start:end, end:], alpha=-1.0)
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]

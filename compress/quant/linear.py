@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-import compress.kernels  # noqa: F401  (registers torch.ops.compress.dequant_matmul)
+import compress.kernels
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec
@@ -79,9 +79,9 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.compress.dequant_matmul(
-            x,
+    def _packed_args(self) -> tuple:
+        """The op's arguments after `x` (the same for the matmul and the plain dequantize)."""
+        return (
             self.weight_packed,
             self.weight_scale,
             self.weight_zero_point,
@@ -89,7 +89,14 @@ class QuantLinear(nn.Module):
             self.spec.group_size,
             self.in_features,
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.compress.dequant_matmul(x, *self._packed_args())
         return y if self.bias is None else y + self.bias
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) weight this layer computes with, in its scale dtype."""
+        return compress.kernels.dequantize_packed(*self._packed_args(), self.weight_scale.dtype)
 
     def stored_bytes(self) -> int:
         """Bytes this layer's tensors take on disk (packed weight, scales, zeros, bias)."""

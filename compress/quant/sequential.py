@@ -6,18 +6,26 @@ inputs of that layer are kept. Then, for each decoder layer in turn:
 1. its selected Linear layers are split into *steps* by data flow: layers that read the very
    same input tensor form one step (q/k/v; gate/up), found by running the layer once with
    hooks, so no per-architecture table is needed;
-2. step by step, the layer runs on the kept inputs with hooks that accumulate each Linear's
-   input Hessian, and the step's Linears are quantized (so o_proj is calibrated on what the
-   already-quantized q/k/v produce: "true sequential");
+2. step by step, the layer runs on the kept inputs, only as far as the step, with hooks that
+   accumulate the step's input Hessian (once, shared by the step's Linears), and the step's
+   Linears are quantized (so o_proj is calibrated on what the already-quantized q/k/v
+   produce: "true sequential");
 3. the quantized layer runs once more, and its outputs become the next layer's inputs.
 
-Peak memory is one decoder layer's activations plus the kept hidden states
-(samples × seq_len × hidden, float32), not the model twice.
+Within a decoder layer a quantized Linear is stood in for by a dense Linear holding its
+dequantized weight (bitwise the same outputs, without dequantizing on every call); the
+packed QuantLinear takes its place when the layer is done.
+
+Peak memory is one decoder layer's activations plus the kept hidden states (samples × seq_len ×
+hidden in the model dtype, inputs and outputs of the current layer), not the model twice. With
+a calibration device, each layer is moved there for its turn and back afterwards, so a GPU needs
+room for one layer and the activations, not for the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.models import decoder_layers_prefix, replace_module
+from compress.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +124,61 @@ def data_flow_steps(
     return steps
 
 
-def _hessians(
+def _step_hessians(
     layer: nn.Module, modules: dict[str, nn.Linear], inputs: LayerInputs, accumulate: HessianFn
-) -> dict[str, tuple[torch.Tensor, int]]:
-    state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in modules}
+) -> tuple[torch.Tensor, int]:
+    """The input Hessian shared by one step's Linears (they read the very same tensor).
+
+    Each batch runs the layer only as far as the step: the forward stops once every Linear of
+    the step has been called, so calibrating q/k/v costs a norm, not a whole layer.
+    """
+    state: list[Any] = [None, 0]  # running Hessian, rows folded in
+    called: set[str] = set()
     handles = []
     for name, module in modules.items():
 
         def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
-            hessian, count = state[name]
-            state[name] = accumulate(hessian, args[0].detach().float(), count)
+            if not called:  # the first Linear of the step to run: its input is the step's
+                state[0], state[1] = accumulate(state[0], args[0].detach().float(), state[1])
+            called.add(name)
+            if len(called) == len(modules):
+                raise _StopForward
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        _run_layer(layer, inputs)
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            called.clear()
+            with contextlib.suppress(_StopForward):
+                layer(hidden, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (h, n) for name, (h, n) in state.items() if h is not None}
+    if state[0] is None:
+        raise RuntimeError(f"Linear layers never called in their decoder layer: {sorted(modules)}")
+    return state[0], state[1]
+
+
+class _DequantizedLinear(nn.Module):
+    """Stand-in for a quantized layer during the rest of its decoder layer's calibration.
+
+    A QuantLinear dequantizes its whole weight on every call, and calibration calls it once per
+    batch per remaining step; this holds the dequantized weight once. It computes exactly what
+    the QuantLinear op does (F.linear on the dequantized weight, then the bias), so the outputs
+    are bitwise equal.
+    """
+
+    def __init__(self, quantized: QuantLinear) -> None:
+        super().__init__()
+        self.weight = quantized.dequantized_weight()
+        self.bias = quantized.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def _calibration_stand_in(module: nn.Module) -> nn.Module:
+    return _DequantizedLinear(module) if isinstance(module, QuantLinear) else module
 
 
 @torch.no_grad()
@@ -144,29 +190,59 @@ def quantize_sequentially(
     batch_size: int,
     accumulate: HessianFn,
     quantize: QuantizeFn,
+    device: torch.device | None = None,
 ) -> int:
     """Quantize every selected Linear inside the decoder layers, layer by layer.
 
-    Returns how many layers were replaced. Selected Linears outside the decoder layers (e.g.
-    an explicitly included lm_head) must be handled by the caller.
+    With `device`, the kept activations live there and each decoder layer is moved there for
+    its calibration and back where it was afterwards: a model held in CPU memory is calibrated
+    on a GPU holding one layer at a time. Returns how many layers were replaced. Selected
+    Linears outside the decoder layers (e.g. an explicitly included lm_head) must be handled
+    by the caller.
     """
     prefix = decoder_layers_prefix(model)
     layers = model.get_submodule(prefix)
     inputs = capture_first_layer_inputs(model, windows, batch_size)
+    if device is not None:
+        inputs = LayerInputs(hidden=_to(inputs.hidden, device), kwargs=_to(inputs.kwargs, device))
     replaced = 0
     for index, layer in enumerate(tqdm(layers, desc="calibrate layers", unit="layer")):
+        home = _device_of(layer)
+        if device is not None:
+            layer.to(device)
         layer_prefix = f"{prefix}.{index}."
         in_layer = {
             n.removeprefix(layer_prefix): m
             for n, m in selected.items()
             if n.startswith(layer_prefix)
         }
+        quantized: dict[str, nn.Module] = {}
         if in_layer:
             for step in data_flow_steps(layer, in_layer, inputs):
                 modules = {name: layer.get_submodule(name) for name in step}
-                for name, (hessian, rows) in _hessians(layer, modules, inputs, accumulate).items():
-                    replacement = quantize(layer_prefix + name, modules[name], hessian, rows)
-                    replace_module(layer, name, replacement)
-                    replaced += 1
+                hessian, rows = _step_hessians(layer, modules, inputs, accumulate)
+                for name, module in modules.items():
+                    quantized[name] = quantize(layer_prefix + name, module, hessian, rows)
+                    replace_module(layer, name, _calibration_stand_in(quantized[name]))
         inputs = LayerInputs(hidden=_run_layer(layer, inputs), kwargs=inputs.kwargs)
+        for name, module in quantized.items():
+            replace_module(layer, name, module)
+        layer.to(home)
+        replaced += len(quantized)
     return replaced
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors inside lists, tuples and dicts (the layer's kwargs) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value

@@ -16,7 +16,7 @@ from compress.quant.config import PER_CHANNEL, QuantizeConfig
 from compress.quant.gptq import accumulate_hessian, gptq_quantize
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
-from compress.quant.primitives import QuantSpec
+from compress.quant.primitives import QuantSpec, RangeSearch
 from compress.quant.rtn import rtn_quantize
 from compress.quant.sequential import quantize_sequentially
 from compress.registry import StageContext, StageResult, register_stage
@@ -29,6 +29,10 @@ _SUGGESTED_GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)
 
 def spec_of(config: QuantizeConfig) -> QuantSpec:
     return QuantSpec(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+
+
+def range_search_of(config: QuantizeConfig) -> RangeSearch | None:
+    return RangeSearch() if config.observer == "mse" else None
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -116,10 +120,15 @@ def _describe_layers(problem: str, by_k: dict[int, list[str]]) -> str:
 
 
 def _quantize_rtn(
-    model: nn.Module, layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype: torch.dtype
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    config: QuantizeConfig,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype,
 ) -> dict[str, float]:
+    search = range_search_of(config)
     for name, layer in tqdm(layers.items(), desc="quantize (rtn)", unit="layer"):
-        packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype)
+        packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype, search=search)
         replace_module(model, name, _quant_linear(layer, packed, spec))
     return {}
 
@@ -136,6 +145,7 @@ def _quantize_gptq(
         raise PreflightError("method gptq needs calibration windows (recipe `calibration`)")
     windows = context.calibration_windows()  # (num_samples, seq_len)
     options = config.gptq_options
+    search = range_search_of(config)
     errors: list[float] = []
     raised_damp = dead = 0
 
@@ -149,6 +159,7 @@ def _quantize_gptq(
             block_size=options.block_size,
             damp_percent=options.damp_percent,
             act_order=options.act_order,
+            search=search,
         )
         errors.append(result.error)
         raised_damp += result.damp > options.damp_percent
@@ -163,11 +174,13 @@ def _quantize_gptq(
         batch_size=context.calibration_batch_size,
         accumulate=accumulate_hessian,
         quantize=quantize,
+        device=context.calibration_device,
     )
     if replaced != len(layers):
         raise RuntimeError(f"gptq replaced {replaced} of {len(layers)} selected layers")
     return {
         "calibration_tokens": int(windows.numel()),
+        "calibration_device": str(context.calibration_device),
         "gptq_error_mean": sum(errors) / len(errors),
         "gptq_error_max": max(errors),
         "layers_with_raised_damp": int(raised_damp),
@@ -193,7 +206,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
     if config.method == "gptq":
         extra = _quantize_gptq(model, layers, config, spec, scale_dtype, context)
     else:
-        extra = _quantize_rtn(model, layers, spec, scale_dtype)
+        extra = _quantize_rtn(model, layers, config, spec, scale_dtype)
     bytes_after = sum(model.get_submodule(name).stored_bytes() for name in layers)
     log.info(
         "quantized %d layers to %s (%s): %.1f MB → %.1f MB",
@@ -204,10 +217,12 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
         bytes_after / 1e6,
     )
     return StageResult(
-        summary=f"{len(layers)} Linear layers → {config.scheme} ({config.method})",
+        summary=f"{len(layers)} Linear layers → {config.scheme} "
+        f"({config.method}, {config.observer} ranges)",
         details={
             "scheme": config.scheme,
             "method": config.method,
+            "observer": config.observer,
             "layers": len(layers),
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,

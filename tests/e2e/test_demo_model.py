@@ -47,6 +47,7 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
         {"name": "gsm8k", "num_fewshot": 5, "limit": 1, "max_gen_toks": 16},
     ]
     recipe["gate"]["budgets"] = {"mmlu_anatomy": {"max_drop": 1.0}, "gsm8k": {"max_drop": 1.0}}
+    recipe["gate"]["quality"] = {"max_kl_divergence": 10.0}  # gated and reported, cannot reject
     # The recipe's own GPTQ calibration and quality windows, made small to keep this quick;
     # paths are absolute because the run's working directory is tmp_path.
     recipe["calibration"] |= {
@@ -84,6 +85,9 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     # GPTQ INT4 g64 on this model: KL ≈ 0.11 with 32 calibration windows; 4 short ones here.
     assert 0 < report["quality"]["kl_divergence"] < 0.3
     assert report["quality"]["top1_agreement"] > 0.7
+    (kl_check,) = report["gate"]["quality"]
+    assert kl_check["signal"] == "kl_divergence" and kl_check["passed"] is True
+    assert report["stages"][0]["memory"]["peak_rss_increase_bytes"] > 0
     for label in ("baseline", "artifact"):
         items = report["evaluation"][label]["mmlu_anatomy"]["items"]
         assert len(items) == 3 and set(items.values()) <= {0.0, 1.0}

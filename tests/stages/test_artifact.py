@@ -20,12 +20,12 @@ from compress.registry import StageContext, handler_for
 IDS = torch.tensor([[1, 17, 230, 5, 99, 4, 1000, 7]])
 
 
-def _quantized_tiny(tiny_llama_dir, *configs: QuantizeConfig):
+def _quantized_tiny(tiny_llama_dir, *configs: QuantizeConfig, context: StageContext | None = None):
     model, tokenizer = load_model(
         resolve_source(ModelConfig(source=str(tiny_llama_dir))), "bfloat16"
     )
     for config in configs:
-        handler_for(config).apply(model, config, StageContext(dtype="bfloat16"))
+        handler_for(config).apply(model, config, context or StageContext(dtype="bfloat16"))
     return model, tokenizer
 
 

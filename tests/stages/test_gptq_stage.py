@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from compress.errors import PreflightError
-from compress.models import load_model, resolve_source
+from compress.models import load_model, replace_module, resolve_source
 from compress.quant.config import QuantizeConfig
 from compress.quant.gptq import accumulate_hessian, gptq_quantize
 from compress.quant.linear import QuantLinear
@@ -84,6 +84,56 @@ def test_first_layer_equals_non_sequential_reference(tiny_llama_dir, windows):
     assert torch.equal(actual.weight_scale, expected.packed.weight_scale)
 
 
+LLAMA_STEPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def test_whole_model_equals_a_plain_reference(tiny_llama_dir, windows):
+    """Everything the sequential pass does for speed (one captured input per layer, forwards
+    stopped after the step, one Hessian shared per step, dense stand-ins for quantized layers)
+    changes nothing: a plain loop that runs the whole model for every step, with one Hessian
+    hook per Linear and QuantLinears in place, gives bit-identical packed weights."""
+    source = resolve_source(ModelConfig(source=str(tiny_llama_dir)))
+    reference, _ = load_model(source, "float32")
+    spec = spec_of(GPTQ_INT4)
+    for layer in reference.model.layers:
+        for step in LLAMA_STEPS:
+            collected = {name: (None, 0) for name in step}
+            handles = []
+            for name in step:
+
+                def hook(_m, args, name=name, collected=collected):
+                    hessian, rows = collected[name]
+                    collected[name] = accumulate_hessian(hessian, args[0], rows)
+
+                handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+            with torch.no_grad():
+                for batch in windows.split(4):
+                    reference(input_ids=batch, use_cache=False)
+            for handle in handles:
+                handle.remove()
+            for name in step:
+                linear = layer.get_submodule(name)
+                result = gptq_quantize(
+                    linear.weight.detach(), collected[name][0], spec, torch.float32
+                )
+                replace_module(
+                    layer, name, QuantLinear.from_packed(result.packed, spec, None, torch.float32)
+                )
+
+    model, _ = load_model(source, "float32")
+    handler_for(GPTQ_INT4).apply(model, GPTQ_INT4, _context(windows))
+    expected = {k: v for k, v in reference.state_dict().items() if "weight_" in k}
+    actual = {k: v for k, v in model.state_dict().items() if "weight_" in k}
+    assert expected.keys() == actual.keys() and len(expected) == 14 * 4
+    for key, tensor in expected.items():
+        assert torch.equal(actual[key], tensor), key
+
+
 def test_gptq_beats_rtn_on_the_calibration_distribution(tiny_llama_dir, windows):
     source = resolve_source(ModelConfig(source=str(tiny_llama_dir)))
     baseline, _ = load_model(source, "float32")
@@ -112,3 +162,29 @@ def test_gptq_refuses_layers_outside_the_decoder(tiny):
 def test_gptq_needs_calibration(tiny):
     with pytest.raises(PreflightError, match="calibration"):
         handler_for(GPTQ_INT4).apply(tiny, GPTQ_INT4, StageContext(dtype="float32"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device: calibration layer by layer on the GPU, model in CPU memory",
+)
+def test_calibration_on_gpu_moves_one_layer_at_a_time(tiny_llama_dir, windows):
+    source = resolve_source(ModelConfig(source=str(tiny_llama_dir)))
+    on_cpu, _ = load_model(source, "float32")
+    handler_for(GPTQ_INT4).apply(on_cpu, GPTQ_INT4, _context(windows))
+    on_gpu, _ = load_model(source, "float32")
+    context = StageContext(
+        dtype="float32",
+        calibration_windows=lambda: windows,
+        calibration_batch_size=4,
+        calibration_device=torch.device("cuda"),
+    )
+    result = handler_for(GPTQ_INT4).apply(on_gpu, GPTQ_INT4, context)
+    assert result.details["calibration_device"] == "cuda"
+    tensors = list(on_gpu.parameters()) + list(on_gpu.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)  # every layer went back
+    # GPU and CPU matmuls round differently, so a few codes may flip; the model must not.
+    with torch.no_grad():
+        cpu_logits, gpu_logits = on_cpu(windows).logits, on_gpu(windows).logits
+    assert torch.allclose(cpu_logits, gpu_logits, atol=1e-2, rtol=0)

@@ -124,6 +124,35 @@ def test_ship(tmp_path, tiny_llama_dir, scorer):
     assert [label for label, _ in scripted.calls] == ["baseline", "artifact"]
 
 
+def test_quality_budget_rejects_what_the_task_budgets_pass(tmp_path, tiny_llama_dir, scorer):
+    scorer(artifact_right=N_ITEMS)  # no task drop at all
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        eval={
+            "tasks": [{"name": "mmlu", "limit": 1}],
+            "quality": {"path": str(held_out), "seq_len": 64, "max_windows": 2},
+        },
+        gate={
+            "budgets": {"mmlu": {"max_drop": 0.10}},
+            # INT4 on a random model cannot keep KL this low; perplexity is allowed anything.
+            "quality": {"max_kl_divergence": 1e-6, "max_perplexity_increase": 100.0},
+        },
+    )
+    assert main(["run", str(recipe)]) == EXIT_REJECTED
+    artifact = tmp_path / "runs" / "rejected" / "tiny-mixed"
+    report = json.loads((artifact / "report.json").read_text())
+    checks = {q["signal"]: q for q in report["gate"]["quality"]}
+    assert checks["kl_divergence"]["passed"] is False
+    assert checks["kl_divergence"]["value"] == report["quality"]["kl_divergence"]
+    assert checks["perplexity_increase"]["passed"] is True
+    assert all(t["passed"] for t in report["gate"]["tasks"])
+    assert "| kl_divergence |" in (artifact / "report.md").read_text()
+    assert not (tmp_path / "runs" / "release").exists()
+
+
 def test_reject_exits_3_and_releases_nothing(tmp_path, tiny_llama_dir, scorer):
     scorer(artifact_right=N_ITEMS - 4)  # a 20-point drop
     code = main(["run", str(write_recipe(tmp_path, tiny_llama_dir))])

@@ -17,6 +17,7 @@ import torch
 from compress.calibration import (
     HFSource,
     calibration_batches,
+    calibration_device,
     check_calibration_source,
     evaluation_windows,
     load_text,
@@ -25,7 +26,7 @@ from compress.calibration import (
     token_windows,
     tokenize,
 )
-from compress.errors import DataError
+from compress.errors import BadInputError, DataError
 from compress.recipe import CalibrationConfig
 from tests.conftest import SHARED_DATA
 
@@ -271,3 +272,13 @@ def test_evaluation_windows_cap_and_shortfall(text: str, demo_tokenizer) -> None
     assert 0 < len(few) < 1000  # a cap, not a demand (a warning is logged)
     with pytest.raises(DataError, match="fewer than one window"):
         evaluation_windows("a few words", demo_tokenizer, seq_len=512)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_calibration_device_without_cuda_is_refused_naming_the_field():
+    assert calibration_device("auto") == torch.device("cpu")
+    assert calibration_device("cpu") == torch.device("cpu")
+    with pytest.raises(BadInputError, match=r"calibration\.device: 'cuda:1'"):
+        calibration_device("cuda:1")

@@ -18,7 +18,7 @@ from compress.kernels import dequantize_packed
 from compress.quant.config import PER_CHANNEL
 from compress.quant.gptq import GPTQError, GPTQResult, accumulate_hessian, gptq_quantize
 from compress.quant.packing import PackedWeight, unpack_weight, unpack_zero_points
-from compress.quant.primitives import QParams, QuantSpec, dequantize
+from compress.quant.primitives import QParams, QuantSpec, RangeSearch, dequantize
 from compress.quant.rtn import rtn_quantize
 
 N, K, ROWS = 64, 256, 2048
@@ -283,3 +283,26 @@ def test_accumulate_hessian_matches_one_shot() -> None:
     torch.testing.assert_close(hessian.double(), reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not match"):
         accumulate_hessian(hessian, torch.ones(3, K + 1), count)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_range_search_stays_on_the_grid(act_order):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=gen)
+    weight = torch.randn(32, 64, generator=gen)
+    weight[:, 5] = 9.0  # an outlier column the search may clip
+    spec = QuantSpec(4, 32, False)
+    plain = gptq_quantize(weight, 2 * x.t() @ x / 512, spec, torch.bfloat16, act_order=act_order)
+    searched = gptq_quantize(
+        weight,
+        2 * x.t() @ x / 512,
+        spec,
+        torch.bfloat16,
+        act_order=act_order,
+        search=RangeSearch(),
+    )
+    assert math.isfinite(searched.error)
+    assert searched.packed.weight_scale.shape == plain.packed.weight_scale.shape
+    if act_order:  # static groups: both grids come from the same, un-updated weights
+        assert bool((searched.packed.weight_scale <= plain.packed.weight_scale).all())
+        assert bool((searched.packed.weight_scale < plain.packed.weight_scale).any())

@@ -8,6 +8,7 @@ import torch
 from compress.quant.config import PER_CHANNEL
 from compress.quant.primitives import (
     QuantSpec,
+    RangeSearch,
     choose_qparams,
     dequantize,
     fake_quantize,
@@ -212,3 +213,53 @@ def test_group_size_not_dividing_in_features_raises(group_size):
         dequantize(quantize(weight, qparams, good), qparams, spec)
     with pytest.raises(ValueError, match="does not divide"):
         fake_quantize(weight, spec, torch.float32)
+
+
+def _weighted_error(w, qparams, spec, norm, importance=None) -> torch.Tensor:
+    """Per-group Σ importance · |w − ŵ|^norm, computed independently of the search code."""
+    error = (dequantize(quantize(w, qparams, spec), qparams, spec) - w).abs() ** norm
+    if importance is not None:
+        error = error * importance
+    return error.reshape(N, spec.num_groups(K), -1).sum(-1)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric", "scale_dtype"), ALL_CASES)
+def test_range_search_never_loses_to_minmax_and_keeps_the_invariants(
+    weight, bits, group_size, symmetric, scale_dtype
+):
+    spec = QuantSpec(bits, group_size, symmetric)
+    search = RangeSearch()
+    importance = torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.1
+    minmax = choose_qparams(weight, spec, scale_dtype)
+    searched = choose_qparams(weight, spec, scale_dtype, search=search, importance=importance)
+    before = _weighted_error(weight, minmax, spec, search.norm, importance)
+    after = _weighted_error(weight, searched, spec, search.norm, importance)
+    assert bool((after <= before * (1 + 1e-6) + 1e-30).all())
+    assert searched.scale.dtype == scale_dtype
+    assert bool((searched.zero >= 0).all() and (searched.zero <= spec.qmax).all())
+    if symmetric:
+        assert bool((searched.zero == spec.mid).all())
+    # A searched range is never wider than min/max's.
+    assert bool((searched.scale.float() <= minmax.scale.float()).all())
+
+
+def test_range_search_clips_a_lone_outlier_for_a_lower_total_error():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen)
+    w[:, 0] = 12.0  # one outlier per row stretches min/max's grid
+    spec = QuantSpec(4, -1, False)
+    minmax = choose_qparams(w, spec)
+    searched = choose_qparams(w, spec, search=RangeSearch())
+    assert bool((searched.scale < minmax.scale).any())
+    err = {
+        name: float((dequantize(quantize(w, q, spec), q, spec) - w).pow(2).sum())
+        for name, q in (("minmax", minmax), ("searched", searched))
+    }
+    assert err["searched"] < err["minmax"]
+
+
+def test_range_search_checks_importance_shape(weight):
+    with pytest.raises(ValueError, match="importance"):
+        choose_qparams(
+            weight, QuantSpec(4, 32, True), search=RangeSearch(), importance=torch.ones(K + 1)
+        )

@@ -262,3 +262,23 @@ def test_valid_recipe_is_not_mutated_by_parsing():
     snapshot = copy.deepcopy(data)
     parse_recipe(data)
     assert data == snapshot
+
+
+def test_quality_budget_needs_quality_eval(tmp_path):
+    data = valid_recipe()
+    data["gate"]["quality"] = {"max_kl_divergence": 0.1}
+    message = load_error(write_recipe(tmp_path, data))
+    assert "gate.quality needs eval.quality" in message
+    data["eval"]["quality"] = {"path": "held-out.txt"}
+    assert parse_recipe(data).gate.quality.max_kl_divergence == 0.1
+
+
+def test_quality_budget_must_set_a_limit_and_gate_must_gate(tmp_path):
+    data = valid_recipe()
+    data["eval"]["quality"] = {"path": "held-out.txt"}
+    data["gate"]["quality"] = {}
+    assert "gate.quality" in load_error(write_recipe(tmp_path, data))
+    data["gate"] = {"budgets": {}}
+    assert "no budget" in load_error(write_recipe(tmp_path, data))
+    data["gate"] = {"quality": {"min_top1_agreement": 1.5}}
+    assert "gate.quality.min_top1_agreement" in load_error(write_recipe(tmp_path, data))
