@@ -2,8 +2,9 @@
 
 A plain install (`pip install .`) is pure Python. When a CUDA-enabled torch and nvcc are
 present at build time (install with `--no-build-isolation` so the build sees them), this is
-where the `cuda_ext/` dequantize-matmul extension gets compiled; until its sources exist there
-is nothing to build and the pure-PyTorch implementation of `compress::dequant_matmul` is used.
+where the `cuda_ext/` dequantize-matmul kernels are compiled into `compress/_cuda_ext*.so`
+(loaded with `torch.ops.load_library` by compress/cuda_ops.py). Without them, the first CUDA
+call builds them just in time, and a CPU install uses the pure-PyTorch implementation.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def _cuda_extensions() -> tuple[list, dict]:
         sources,
         extra_compile_args={
             "cxx": ["-O3"],
+            # The same flags as compress/cuda_ops.NVCC_FLAGS (the JIT build).
             "nvcc": [
                 "-O3",
+                "--use_fast_math",
                 "-gencode=arch=compute_80,code=sm_80",
                 "-gencode=arch=compute_90,code=sm_90",
             ],

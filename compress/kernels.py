@@ -3,7 +3,9 @@
 The default implementation is pure PyTorch (unpack → dequantize in the activation dtype →
 matmul) and runs on every device. A faster implementation for a device registers against the
 same op (`torch.library.register_kernel("compress::dequant_matmul", "cuda")` from `cuda_ext`),
-so callers never choose kernels by hardware. The fake (meta) implementation lets
+so callers never choose kernels by hardware. The CUDA kernel at the end of this file calls the
+compiled `cuda_ext/` ops (compress/cuda_ops.py): a GEMV kernel for decode shapes, and for more
+rows a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 `torch.compile` and meta-device tracing see the output shape without running anything.
 """
 
@@ -126,3 +128,39 @@ def _dequant_matmul_fake(
 ) -> torch.Tensor:
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
+
+
+# The largest number of rows the CUDA GEMV kernel takes; above it the weight is dequantized
+# once by the CUDA kernel and multiplied by cuBLAS.
+CUDA_GEMV_MAX_ROWS = 16
+
+
+@dequant_matmul.register_kernel("cuda")
+def _dequant_matmul_cuda(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """cuda_ext's kernels for FP16/BF16 activations; anything else takes the default path."""
+    from compress import cuda_ops
+
+    check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
+    supported = x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == x.dtype
+    if not (supported and cuda_ops.load()):
+        weight = dequantize_packed(
+            weight_packed, scale, zero_point, bits, group_size, in_features, x.dtype
+        )
+        return torch.nn.functional.linear(x, weight)
+    rows = x.reshape(-1, in_features)
+    zero = None if zero_point is None else zero_point.contiguous()
+    args = (weight_packed.contiguous(), scale.contiguous(), zero, bits, group_size)
+    if 0 < rows.shape[0] <= CUDA_GEMV_MAX_ROWS:
+        out = torch.ops.compress_cuda.gemv(rows.contiguous(), *args, in_features)
+    else:
+        weight = torch.ops.compress_cuda.dequantize(*args, in_features)
+        out = torch.nn.functional.linear(rows, weight)
+    return out.reshape(*x.shape[:-1], weight_packed.shape[0])

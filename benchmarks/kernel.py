@@ -1,0 +1,136 @@
+"""Dequantize-matmul kernel speed on Llama-3-8B layer shapes (needs a CUDA GPU).
+
+For each (K, N) of Llama-3-8B's projections and M ∈ {1, 4, 16, 64}: our op's time
+(`compress::dequant_matmul`, cuda_ext kernels), FP16 cuBLAS (`torch.matmul` on the dense
+weight), dequantize + cuBLAS, the speedup over FP16, the achieved bandwidth (packed weight +
+scales + activations + output bytes over time) and its share of the device's copy bandwidth,
+measured in the same run with a large device-to-device copy.
+
+Timing: CUDA events around `--iters` calls after `--warmup` calls, median of `--repeats`
+rounds; the L2 cache is flushed between rounds by writing a buffer larger than it.
+
+    python benchmarks/kernel.py [--bits 4 --group-size 128] [--dtype float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from compress import cuda_ops
+from compress.kernels import dequantize_packed
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec, choose_qparams, quantize
+
+OP = torch.ops.compress.dequant_matmul
+# (K, N) of Llama-3-8B: q/o_proj, gate/up_proj, down_proj, k/v_proj.
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
+ROWS = (1, 4, 16, 64)
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> float:
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    rounds = []
+    for _ in range(repeats):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / iters)
+    return statistics.median(rounds)
+
+
+def measure(
+    x: torch.Tensor, op_args: tuple, dense: torch.Tensor, args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """Milliseconds per call: our op, FP16 cuBLAS on the dense weight, dequantize + cuBLAS."""
+    timing = (args.warmup, args.iters, args.repeats)
+    ours = time_ms(lambda: OP(x, *op_args), *timing)
+    cublas = time_ms(lambda: torch.matmul(x, dense.t()), *timing)
+    two_step = time_ms(
+        lambda: torch.matmul(x, torch.ops.compress_cuda.dequantize(*op_args).t()), *timing
+    )
+    return ours, cublas, two_step
+
+
+def copy_bandwidth_gbs(args: argparse.Namespace) -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), args.warmup, args.iters, args.repeats)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def make_weight(k: int, n: int, spec: QuantSpec, dtype: torch.dtype):
+    weight = torch.randn(n, k, device="cuda") * 0.02
+    qparams = choose_qparams(weight, spec, dtype)
+    q = quantize(weight, qparams, spec)
+    return PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asymmetric", action="store_true")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.stderr.write("benchmarks/kernel.py needs a CUDA GPU; none is visible\n")
+        return 2
+    if not cuda_ops.load():
+        sys.stderr.write("the cuda_ext kernels could not be built or loaded (see the log)\n")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    spec = QuantSpec(args.bits, args.group_size, not args.asymmetric)
+    peak = copy_bandwidth_gbs(args)
+    lines = [
+        f"## dequant_matmul: INT{args.bits} g{args.group_size} "
+        f"{'asym' if args.asymmetric else 'sym'}, {args.dtype}, "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
+        "",
+        f"Measured copy bandwidth: {peak:.0f} GB/s.",
+        "",
+        "| K×N | M | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) | speedup vs FP16 "
+        "| GB/s | % of copy bw |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, n in SHAPES:
+        packed = make_weight(k, n, spec, dtype)
+        zero = packed.weight_zero_point
+        dense = dequantize_packed(
+            packed.weight_packed, packed.weight_scale, zero, args.bits, args.group_size, k, dtype
+        )
+        op_args = (packed.weight_packed, packed.weight_scale, zero, args.bits, args.group_size, k)
+        weight_bytes = sum(
+            t.numel() * t.element_size()
+            for t in (packed.weight_packed, packed.weight_scale, zero)
+            if t is not None
+        )
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ours, cublas, two_step = measure(x, op_args, dense, args)
+            moved = weight_bytes + (m * k + m * n) * x.element_size()
+            gbs = moved / (ours * 1e-3) / 1e9
+            lines.append(
+                f"| {k}×{n} | {m} | {ours * 1e3:.1f} | {cublas * 1e3:.1f} | {two_step * 1e3:.1f} "
+                f"| {cublas / ours:.2f}× | {gbs:.0f} | {100 * gbs / peak:.0f}% |"
+            )
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Proves cuda_ext/ compiles through setup.py: builds it against a CUDA torch (torch 2.14.1, CUDA
+# 13.0) with nvcc, in a virtual environment of its own (.cuda-build-venv), and loads the result
+# to check that its ops register. Needs no GPU. The machine's CPU venv (.venv) is not touched.
+#
+# Skips (exit 0, saying why) when nvcc or the CUDA torch is not available here; a compile or
+# load failure fails (exit 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_CUDA_VERSION=${TORCH_CUDA_VERSION:-2.14.1}
+VENV=${CUDA_BUILD_VENV:-.cuda-build-venv}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+
+if ! command -v nvcc >/dev/null; then
+    echo "cuda build check SKIPPED: no nvcc on PATH"
+    exit 0
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if ! "${PIP[@]}" install "torch==$TORCH_CUDA_VERSION" ninja setuptools wheel; then
+    echo "cuda build check SKIPPED: torch==$TORCH_CUDA_VERSION (CUDA) is not installable here"
+    exit 0
+fi
+rm -f compress/_cuda_ext*.so
+MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace
+SO=$(ls compress/_cuda_ext*.so)
+"$VENV/bin/python" - "$SO" <<'PY'
+import sys
+
+import torch
+
+torch.ops.load_library(sys.argv[1])
+for op in ("gemv", "dequantize"):
+    schema = getattr(torch.ops.compress_cuda, op).default._schema
+    print(f"registered: {schema}")
+PY
+rm -f "$SO"
+echo "cuda build check PASSED: cuda_ext compiles with nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') against torch $TORCH_CUDA_VERSION"

@@ -1,0 +1,130 @@
+"""The CUDA kernels behind `compress::dequant_matmul` against dequantize-then-matmul in float32.
+
+Skipped without a GPU (they need one to run at all). Every case draws fresh random weights
+and activations (never zeros), and the output buffer is poisoned with NaN before each call
+through the raw op, so a kernel that skips rows or columns cannot pass on stale memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import cuda_ops
+from compress.kernels import CUDA_GEMV_MAX_ROWS
+from compress.quant.config import PER_CHANNEL
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA device to run the cuda_ext kernels (none here)",
+    ),
+]
+
+OP = torch.ops.compress.dequant_matmul
+ROWS = (1, 2, 3, 7, 16, 33, 64)
+# (N, K): Llama-3-8B projections, the demo model's 576, and odd multiples of the group size.
+SHAPES = [(4096, 4096), (1024, 4096), (4096, 14336 // 4), (576, 576), (96, 32 * 7), (160, 64 * 5)]
+SCHEMES = [
+    QuantSpec(4, 32, True),
+    QuantSpec(4, 64, False),
+    QuantSpec(4, 128, False),
+    QuantSpec(8, PER_CHANNEL, True),
+    QuantSpec(8, PER_CHANNEL, False),
+]
+# Relative Frobenius error against float32: the activations and outputs are fp16/bf16 (8 or
+# 11 significant bits), accumulation is float32.
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    qparams = choose_qparams(weight, spec, dtype)
+    q = quantize(weight, qparams, spec)
+    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
+    reference = dequantize(q, qparams, spec, dtype=torch.float32)
+    return packed, reference
+
+
+def _on_gpu(packed: PackedWeight) -> tuple:
+    zero = packed.weight_zero_point
+    return (
+        packed.weight_packed.cuda(),
+        packed.weight_scale.cuda(),
+        None if zero is None else zero.cuda(),
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    assert cuda_ops.load(), "cuda_ext kernels failed to build or load (see the log)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "spec", SCHEMES, ids=lambda s: f"int{s.bits}-g{s.group_size}-{s.symmetric}"
+)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_matches_float32_reference(n, k, spec, dtype):
+    if not spec.divides(k):
+        pytest.skip(f"group {spec.group_size} does not divide K={k}")
+    packed, reference = _case(n, k, spec, dtype, seed=n + k)
+    weight_packed, scale, zero = _on_gpu(packed)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        expected = x.float() @ reference.t()
+        got = OP(x.cuda(), weight_packed, scale, zero, spec.bits, spec.group_size, k).float().cpu()
+        assert torch.isfinite(got).all(), m
+        error = (got - expected).norm() / expected.norm()
+        assert error < REL_TOL[dtype], (m, float(error))
+
+
+def test_raw_gemv_writes_every_output():
+    n, k, spec = 320, 512, QuantSpec(4, 64, False)
+    packed, reference = _case(n, k, spec, torch.float16, seed=1)
+    weight_packed, scale, zero = _on_gpu(packed)
+    for m in range(1, CUDA_GEMV_MAX_ROWS + 1):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        torch.cuda.empty_cache()
+        poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+        del poison  # freed memory the kernel's output is likely to reuse
+        out = torch.ops.compress_cuda.gemv(x, weight_packed, scale, zero, 4, 64, k)
+        assert torch.isfinite(out).all(), m
+        expected = x.float().cpu() @ reference.t()
+        assert (out.float().cpu() - expected).norm() / expected.norm() < 2e-3
+
+
+def test_dequantize_kernel_is_exact():
+    n, k, spec = 256, 576, QuantSpec(4, 64, False)
+    packed, reference = _case(n, k, spec, torch.bfloat16, seed=2)
+    weight_packed, scale, zero = _on_gpu(packed)
+    weight = torch.ops.compress_cuda.dequantize(weight_packed, scale, zero, 4, 64, k)
+    # (q − z)·s in float32 rounded once to bf16: what the CPU path computes in bf16.
+    assert torch.equal(weight.cpu(), reference.to(torch.bfloat16))
+
+
+def test_errors_name_the_problem():
+    n, k, spec = 64, 128, QuantSpec(4, 32, True)
+    packed, _ = _case(n, k, spec, torch.float16, seed=3)
+    weight_packed, scale, _ = _on_gpu(packed)
+    x = torch.randn(2, k, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="features"):
+        OP(
+            torch.randn(2, k + 32, device="cuda", dtype=torch.float16),
+            weight_packed,
+            scale,
+            None,
+            4,
+            32,
+            k,
+        )
+    with pytest.raises(RuntimeError, match="must be on"):
+        torch.ops.compress_cuda.gemv(x.cpu(), weight_packed, scale, None, 4, 32, k)
+    with pytest.raises(RuntimeError, match="scale is"):
+        torch.ops.compress_cuda.gemv(x.to(torch.bfloat16), weight_packed, scale, None, 4, 32, k)
+    with pytest.raises(RuntimeError, match="group_size"):
+        torch.ops.compress_cuda.gemv(x, weight_packed, scale, None, 4, 48, k)
