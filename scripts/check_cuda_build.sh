@@ -18,7 +18,7 @@ if ! command -v nvcc >/dev/null; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-if ! "${PIP[@]}" install "torch==$TORCH_CUDA_VERSION" ninja setuptools wheel; then
+if ! "${PIP[@]}" install "torch==$TORCH_CUDA_VERSION" numpy ninja setuptools wheel; then
     echo "cuda build check SKIPPED: torch==$TORCH_CUDA_VERSION (CUDA) is not installable here"
     exit 0
 fi
