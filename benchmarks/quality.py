@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compress.stages  # noqa: F401  (registers the stage handlers)
-from compress.artifact import save_artifact
+from compress.artifact import save_artifact, spec_from_args
 from compress.calibration import calibration_batches, evaluation_windows, load_text
 from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.models import load_model, replace_module, resolve_source
@@ -49,7 +49,6 @@ from compress.profiling import PeakMemory
 from compress.quant.config import GPTQOptions, QuantizeConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
-from compress.quant.primitives import QuantSpec
 from compress.recipe import CalibrationConfig, ModelConfig
 from compress.registry import StageContext, handler_for
 
@@ -138,12 +137,7 @@ def load_pack_quantized(source: nn.Module, checkpoint: Path, dtype: torch.dtype)
     """`source` with every Linear that `checkpoint` stores packed replaced by a QuantLinear."""
     config = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
-    weights = group["weights"]
-    spec = QuantSpec(
-        bits=weights["num_bits"],
-        group_size=-1 if weights["strategy"] == "channel" else weights["group_size"],
-        symmetric=weights["symmetric"],
-    )
+    spec = spec_from_args(group["weights"])
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(str(file)))

@@ -77,7 +77,7 @@ def _spec_args(spec: QuantSpec) -> dict[str, Any]:
     }
 
 
-def _spec_from_args(args: dict[str, Any]) -> QuantSpec:
+def spec_from_args(args: dict[str, Any]) -> QuantSpec:
     group = args.get("group_size")
     return QuantSpec(
         bits=int(args["num_bits"]),
@@ -123,7 +123,7 @@ def layer_specs(qconfig: dict[str, Any], linear_names: list[str]) -> dict[str, Q
     """Which Linear gets which spec, from a `quantization_config` we wrote."""
     specs: dict[str, QuantSpec] = {}
     for group_name, group in qconfig.get("config_groups", {}).items():
-        spec = _spec_from_args(group["weights"])
+        spec = spec_from_args(group["weights"])
         patterns = [re.compile(t.removeprefix("re:")) for t in group["targets"]]
         matched = [n for n in linear_names if any(p.fullmatch(n) for p in patterns)]
         if not matched:

@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,8 +48,7 @@ from compress.quant.primitives import QuantSpec
 log = logging.getLogger(__name__)
 
 ExportFormat = Literal["int-quantized"]
-EXPORT_FORMATS: tuple[str, ...] = ("int-quantized",)
-_PACKED_SUFFIX = ".weight_packed"
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
 def to_int_quantized(
@@ -58,10 +57,10 @@ def to_int_quantized(
     """The tensors of a `pack-quantized` state dict in the `int-quantized` layout."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in packed.items():
-        layer = key.rsplit(".", 1)[0]
-        if layer not in specs:
+        layer, name = key.rsplit(".", 1)
+        if layer not in specs or name in ("weight_scale", "bias"):
             out[key] = tensor
-        elif key.endswith(_PACKED_SUFFIX):
+        elif name == "weight_packed":
             spec = specs[layer]
             out_features, in_features = packed[f"{layer}.weight_shape"].tolist()
             offset = 1 << (spec.bits - 1)
@@ -71,8 +70,6 @@ def to_int_quantized(
             if zero is not None:
                 zero = unpack_zero_points(zero, spec.bits, out_features)
                 out[f"{layer}.weight_zero_point"] = (zero - offset).to(torch.int8)
-        elif key.endswith(".weight_scale"):
-            out[key] = tensor
         # weight_shape and the packed zero point are replaced by what is written above.
     return out
 
@@ -104,7 +101,7 @@ def export_artifact(
             "only quantized artifacts written by compress can be exported"
         )
     packed = load_file(str(source / WEIGHTS))
-    layers = [k.removesuffix(_PACKED_SUFFIX) for k in packed if k.endswith(_PACKED_SUFFIX)]
+    layers = [k.removesuffix(".weight_packed") for k in packed if k.endswith(".weight_packed")]
     specs = layer_specs(qconfig, layers)
 
     with staging_dir(destination) as tmp:

@@ -110,6 +110,21 @@ def dequant_matmul(
 ) -> torch.Tensor:
     """y = x @ dequantize(W)ᵀ for x (..., K) → (..., N), computed in x's dtype."""
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
+    return _dequantize_then_linear(
+        x, weight_packed, scale, zero_point, bits, group_size, in_features
+    )
+
+
+def _dequantize_then_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """The pure-PyTorch computation (arguments already checked)."""
     weight = dequantize_packed(
         weight_packed, scale, zero_point, bits, group_size, in_features, x.dtype
     )
@@ -151,10 +166,9 @@ def _dequant_matmul_cuda(
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
     supported = x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == x.dtype
     if not (supported and cuda_ops.load()):
-        weight = dequantize_packed(
-            weight_packed, scale, zero_point, bits, group_size, in_features, x.dtype
+        return _dequantize_then_linear(
+            x, weight_packed, scale, zero_point, bits, group_size, in_features
         )
-        return torch.nn.functional.linear(x, weight)
     rows = x.reshape(-1, in_features)
     zero = None if zero_point is None else zero_point.contiguous()
     args = (weight_packed.contiguous(), scale.contiguous(), zero, bits, group_size)

@@ -90,10 +90,15 @@ def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
     return path
 
 
-def test_ship(tmp_path, tiny_llama_dir, scorer):
-    scripted = scorer(artifact_right=N_ITEMS - 1)  # a 5-point drop, within the 10-point budget
+def write_held_out(tmp_path: Path) -> Path:
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return held_out
+
+
+def test_ship(tmp_path, tiny_llama_dir, scorer):
+    scripted = scorer(artifact_right=N_ITEMS - 1)  # a 5-point drop, within the 10-point budget
+    held_out = write_held_out(tmp_path)
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
@@ -126,8 +131,7 @@ def test_ship(tmp_path, tiny_llama_dir, scorer):
 
 def test_quality_budget_rejects_what_the_task_budgets_pass(tmp_path, tiny_llama_dir, scorer):
     scorer(artifact_right=N_ITEMS)  # no task drop at all
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    held_out = write_held_out(tmp_path)
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
