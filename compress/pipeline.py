@@ -128,14 +128,19 @@ def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
 
 
 def preflight(model: nn.Module, recipe: Recipe) -> None:
-    """Every stage validates itself against the loaded model before any stage runs.
+    """Every stage validates itself before any stage runs.
 
-    Each stage is checked against the model as loaded; a stage whose validity depends on an
-    earlier stage's changes (prune → quantize) must check the planned shapes itself.
+    Each stage is checked against the model as the stages before it will leave it: a stage
+    that changes shapes (prune) hands the next ones a weightless model of its planned shapes,
+    so prune → quantize checks group sizes against the pruned widths.
     """
+    planned = model
     for index, stage in enumerate(recipe.stages):
+        handler = handler_for(stage)
         try:
-            handler_for(stage).preflight(model, stage)
+            handler.preflight(planned, stage)
+            if handler.plan is not None:
+                planned = handler.plan(planned, stage)
         except BadInputError as exc:
             raise type(exc)(f"stages[{index}] ({stage.type}): {exc}") from None
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import RecipeError
+from compress.prune.config import PruneConfig
 from compress.quant.config import QuantizeConfig
 
 RECIPE_VERSION = 1
@@ -142,11 +143,10 @@ class OutputConfig(_Strict):
     dir: str = Field("runs", description="root of work/, release/, rejected/ and cache/")
 
 
-# Every stage config type, each with a `type: Literal[...]` tag. With a second stage type this
-# becomes `Annotated[A | B, Field(discriminator="type")]` (pydantic needs two members for that).
-STAGE_CONFIG_TYPES: tuple[type[BaseModel], ...] = (QuantizeConfig,)
+# Every stage config type, each with a `type: Literal[...]` tag that selects it.
+STAGE_CONFIG_TYPES: tuple[type[BaseModel], ...] = (PruneConfig, QuantizeConfig)
 STAGE_TAGS = frozenset(t.model_fields["type"].default for t in STAGE_CONFIG_TYPES)
-StageConfig = QuantizeConfig
+StageConfig = Annotated[PruneConfig | QuantizeConfig, Field(discriminator="type")]
 
 
 class Recipe(_Strict):
@@ -163,12 +163,32 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _calibration_when_needed(self) -> Recipe:
         needing = [
-            f"stages[{i}]"
+            f"stages[{i}] ({stage.type})"
             for i, stage in enumerate(self.stages)
-            if getattr(stage, "method", None) == "gptq"
+            if stage.needs_calibration
         ]
         if needing and self.calibration is None:
-            raise ValueError(f"{', '.join(needing)} (method gptq) need a `calibration` section")
+            raise ValueError(
+                f"{', '.join(needing)} need a `calibration` section (gptq, data-driven pruning "
+                "scores and layer scores run on calibration text)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prune_before_quantize(self) -> Recipe:
+        quantized_at = next(
+            (i for i, s in enumerate(self.stages) if isinstance(s, QuantizeConfig)), None
+        )
+        late = [
+            i
+            for i, s in enumerate(self.stages)
+            if isinstance(s, PruneConfig) and quantized_at is not None and i > quantized_at
+        ]
+        if late:
+            raise ValueError(
+                f"stages{late} prune after a quantize stage (stages[{quantized_at}]): pruning "
+                "slices dense weights, so prune first, then quantize"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,8 +1,8 @@
 """Explicit stage registry: one typed config class → one handler.
 
 A stage module registers itself with `@register_stage(ConfigType, preflight=check_fn)` on its
-apply function; nothing is discovered from class or file names. `compress.stages` imports
-every stage module, so importing it fills the registry.
+apply function (plus `plan=` when it changes shapes); nothing is discovered from class or file
+names. `compress.stages` imports every stage module, so importing it fills the registry.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class StageResult:
 
 Preflight = Callable[[nn.Module, Any], None]
 Apply = Callable[[nn.Module, Any, StageContext], StageResult]
+# The model as the stage will leave it, without weights (meta tensors), for the preflight of
+# later stages; None for stages that keep every shape (quantize keeps the Linear shapes).
+Plan = Callable[[nn.Module, Any], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -46,18 +49,19 @@ class StageHandler:
     config_type: type[BaseModel]
     preflight: Preflight  # raises PreflightError naming the layers at fault; must be cheap
     apply: Apply  # modifies the model in place
+    plan: Plan | None = None
 
 
 _REGISTRY: dict[type[BaseModel], StageHandler] = {}
 
 
 def register_stage(
-    config_type: type[BaseModel], *, preflight: Preflight
+    config_type: type[BaseModel], *, preflight: Preflight, plan: Plan | None = None
 ) -> Callable[[Apply], Apply]:
     def decorator(apply: Apply) -> Apply:
         if config_type in _REGISTRY:
             raise RuntimeError(f"a handler for {config_type.__name__} is already registered")
-        _REGISTRY[config_type] = StageHandler(config_type, preflight, apply)
+        _REGISTRY[config_type] = StageHandler(config_type, preflight, apply, plan)
         return apply
 
     return decorator

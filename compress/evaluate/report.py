@@ -95,6 +95,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_mb(sizes['quantized_layers_bytes_before'])} in {sizes['source_dtype']} "
             f"({sizes['quantized_layers_ratio']:.3f}×)"
         )
+    lines += _pruning_lines(report["stages"])
     lines += [
         "",
         "## Stages",
@@ -120,3 +121,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _pruning_lines(stages: list[dict[str, Any]]) -> list[str]:
+    """Parameters before/after, the score used and the per-layer sizes of each prune stage."""
+    lines: list[str] = []
+    for s in stages:
+        if s["type"] != "prune":
+            continue
+        d = s["details"]
+        before, after = d["per_layer_before"], d["per_layer_after"]
+        lines += [
+            "",
+            f"## Pruning (stage {s['index']})",
+            "",
+            f"- parameters: {d['parameters_before']:,} → {d['parameters_after']:,} "
+            f"({d['parameter_ratio']:.3f}×)",
+            f"- heads and FFN channels scored by: {d['criterion']}"
+            + (f" (L{d['norm']} weight norm)" if d["criterion"] == "magnitude" else ""),
+        ]
+        if d["layers_removed"]:
+            how = d["layer_criterion"] or "given by index"
+            lines.append(f"- layers removed: {d['layers_removed']} ({how})")
+        lines += [
+            "- every kept layer has the same sizes, so `config.json` describes the model and "
+            "stock transformers loads it",
+            "",
+            "| per layer | query heads | KV heads | head dim | FFN channels | layers |",
+            "|---|---|---|---|---|---|",
+            f"| before | {before['query_heads']} | {before['kv_heads']} | {before['head_dim']} "
+            f"| {before['ffn_channels']} | {d['layers_before']} |",
+            f"| after | {after['query_heads']} | {after['kv_heads']} | {after['head_dim']} "
+            f"| {after['ffn_channels']} | {len(d['layers'])} |",
+        ]
+    return lines

@@ -69,6 +69,10 @@ class QuantizeConfig(BaseModel):
         return self
 
     @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    @property
     def gptq_options(self) -> GPTQOptions:
         return self.gptq or GPTQOptions()
 

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from compress import pipeline
-from compress.artifact import verify_artifact
+from compress.artifact import load_artifact, verify_artifact
 from compress.cli import main
 from compress.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, BadInputError
 from compress.evaluate import lm_eval_runner
@@ -94,6 +94,13 @@ def write_held_out(tmp_path: Path) -> Path:
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     return held_out
+
+
+def small_calibration(tmp_path: Path) -> dict:
+    """A `calibration` section: 4 windows of 32 tokens from a text written into tmp_path."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("Calibration text about many different things, numbers 1 2 3. " * 300)
+    return {"path": str(text), "num_samples": 4, "seq_len": 32, "batch_size": 2}
 
 
 def test_ship(tmp_path, tiny_llama_dir, scorer):
@@ -281,12 +288,10 @@ def test_missing_eval_data_dir_exits_2(tmp_path, tiny_llama_dir, scorer, caplog)
 
 def test_gptq_through_the_pipeline_with_calibration(tmp_path, tiny_llama_dir, scorer):
     scorer(artifact_right=N_ITEMS)
-    text = tmp_path / "calibration.txt"
-    text.write_text("Calibration text about many different things, numbers 1 2 3. " * 300)
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
-        calibration={"path": str(text), "num_samples": 4, "seq_len": 32, "batch_size": 2},
+        calibration=small_calibration(tmp_path),
         stages=[{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}],
     )
     outcome = pipeline.run(recipe)
@@ -312,3 +317,94 @@ def test_bad_recipe_exits_2_naming_the_field(tmp_path, tiny_llama_dir, caplog):
     )
     assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
     assert "recipe.yaml" in caplog.text and "stages[0].group_sise" in caplog.text
+
+
+def test_prune_then_quantize_through_the_pipeline(tmp_path, tiny_llama_dir, scorer):
+    scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        calibration=small_calibration(tmp_path),
+        stages=[
+            {
+                "type": "prune",
+                "criterion": "activation",
+                "heads": {"ratio": 0.5},  # 4 query heads in 2 KV groups → 2, one per group
+                "ffn": {"ratio": 0.25, "multiple_of": 32},  # 128 → 96 channels
+            },
+            {"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32},
+        ],
+    )
+    outcome = pipeline.run(recipe)
+    assert outcome.verdict == "ship"
+    prune, quantize = outcome.report["stages"]
+    assert prune["details"]["per_layer_after"] == {
+        "query_heads": 2,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "ffn_channels": 96,
+    }
+    assert prune["details"]["parameters_after"] < prune["details"]["parameters_before"]
+    assert quantize["details"]["layers"] == 14
+    config = json.loads((outcome.artifact_dir / "config.json").read_text())
+    assert (config["num_attention_heads"], config["intermediate_size"]) == (2, 96)
+    model, _ = load_artifact(outcome.artifact_dir)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantLinear) and down.in_features == 96
+    markdown = (outcome.artifact_dir / "report.md").read_text()
+    assert "## Pruning (stage 0)" in markdown and "| after | 2 | 2 | 16 | 96 | 2 |" in markdown
+
+
+def test_quantize_after_prune_is_checked_against_the_pruned_shapes(
+    tmp_path, tiny_llama_dir, scorer, caplog
+):
+    scripted = scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        stages=[
+            {"type": "prune", "criterion": "magnitude", "ffn": {"keep": 80, "multiple_of": 16}},
+            # 32 divides the source's 128 FFN channels but not the pruned 80.
+            {"type": "quantize", "bits": 4, "group_size": 32},
+        ],
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert "stages[1] (quantize)" in caplog.text and "in_features=80" in caplog.text
+    assert scripted.calls == []  # refused before the baseline was scored
+    assert not (tmp_path / "runs" / "work" / "tiny-mixed" / "checkpoint").exists()
+
+
+def test_resume_after_prune_continues_from_the_pruned_checkpoint(
+    tmp_path, tiny_llama_dir, scorer, monkeypatch
+):
+    scorer(artifact_right=N_ITEMS)
+    stages = [
+        {"type": "prune", "criterion": "magnitude", "heads": {"keep": 2}, "ffn": {"keep": 96}},
+        {"type": "quantize", "bits": 8},
+    ]
+    reference = pipeline.run(write_recipe(tmp_path / "ref", tiny_llama_dir, stages=stages))
+    reference_weights = (reference.artifact_dir / "model.safetensors").read_bytes()
+
+    recipe = write_recipe(tmp_path, tiny_llama_dir, stages=stages)
+    real_handler_for = handler_for
+
+    def failing_quantize(config):
+        handler = real_handler_for(config)
+        if config.type != "quantize":
+            return handler
+
+        def apply(model, cfg, context):
+            raise Interrupted("killed during quantize")
+
+        return type(handler)(handler.config_type, handler.preflight, apply, handler.plan)
+
+    monkeypatch.setattr(pipeline, "handler_for", failing_quantize)
+    with pytest.raises(Interrupted):
+        pipeline.run(recipe)
+    checkpoint = tmp_path / "runs" / "work" / "tiny-mixed" / "checkpoint"
+    assert json.loads((checkpoint / "config.json").read_text())["intermediate_size"] == 96
+
+    monkeypatch.setattr(pipeline, "handler_for", real_handler_for)
+    outcome = pipeline.run(recipe, resume=True)
+    assert [s["type"] for s in outcome.report["stages"]] == ["prune", "quantize"]
+    assert (outcome.artifact_dir / "model.safetensors").read_bytes() == reference_weights

@@ -103,8 +103,12 @@ def test_shipped_recipes_validate(path):
     assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
 
 
-def test_both_shipped_recipes_are_found():
-    assert {p.name for p in REAL_RECIPES} >= {"int4-group.yaml", "int8-channel.yaml"}
+def test_shipped_recipes_are_found():
+    assert {p.name for p in REAL_RECIPES} >= {
+        "int4-group.yaml",
+        "int8-channel.yaml",
+        "prune-heads-ffn.yaml",
+    }
 
 
 # --- errors: file name and exact field path ---
@@ -132,7 +136,7 @@ def _delete(path: tuple):
 
 FIELD_ERRORS = [
     pytest.param(_set(("stages", 0, "group_sise"), 64), "stages[0].group_sise", id="unknown-key"),
-    pytest.param(_set(("stages", 0, "type"), "prune"), "stages[0].type", id="unknown-stage"),
+    pytest.param(_set(("stages", 0, "type"), "sparsify"), "stages[0]", id="unknown-stage"),
     pytest.param(_set(("stages", 0, "bits"), 3), "stages[0].bits", id="bits-3"),
     pytest.param(_set(("version",), 2), "version", id="version-2"),
     pytest.param(_delete(("version",)), "version", id="version-missing"),
@@ -282,3 +286,74 @@ def test_quality_budget_must_set_a_limit_and_gate_must_gate(tmp_path):
     assert "no budget" in load_error(write_recipe(tmp_path, data))
     data["gate"] = {"quality": {"min_top1_agreement": 1.5}}
     assert "gate.quality.min_top1_agreement" in load_error(write_recipe(tmp_path, data))
+
+
+# --- the prune stage ---
+
+
+def _with_prune(prune: dict[str, Any], *, after_quantize: bool = False, calibration: bool = True):
+    data = valid_recipe()
+    stage = {"type": "prune", **prune}
+    data["stages"] = data["stages"] + [stage] if after_quantize else [stage, *data["stages"]]
+    if calibration:
+        data["calibration"] = {"path": "calib.txt"}
+    return data
+
+
+def test_prune_then_quantize_parses():
+    recipe = parse_recipe(
+        _with_prune({"criterion": "taylor", "heads": {"ratio": 0.25}, "ffn": {"keep": 1024}})
+    )
+    prune, quantize = recipe.stages
+    assert (prune.type, quantize.type) == ("prune", "quantize")
+    assert (prune.criterion, prune.heads.unit, prune.heads.ratio) == ("taylor", "query", 0.25)
+    assert (prune.ffn.keep, prune.ffn.multiple_of) == (1024, 1)
+    assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+@pytest.mark.parametrize(
+    ("prune", "field", "message"),
+    [
+        ({"ffn": {"keep": 100, "ratio": 0.1}}, "stages[0].ffn", "exactly one of keep, ratio"),
+        ({"ffn": {}}, "stages[0].ffn", "exactly one of keep, ratio"),
+        ({"ffn": {"ratio": 1.0}}, "stages[0].ffn.ratio", "less than 1"),
+        ({"ffn": {"keep": 0}}, "stages[0].ffn.keep", "greater than 0"),
+        ({"ffn": {"keep": 100, "multiple_of": 64}}, "stages[0].ffn", "not a multiple of"),
+        ({"heads": {"keep": 0}}, "stages[0].heads.keep", "greater than 0"),
+        ({"heads": {"unit": "head", "keep": 4}}, "stages[0].heads.unit", "'query' or 'kv_group'"),
+        ({"layers": {"indices": [2, 2]}}, "stages[0].layers", "listed twice"),
+        ({"criterion": "random", "ffn": {"ratio": 0.1}}, "stages[0].criterion", "magnitude"),
+        ({}, "stages[0]", "at least one target"),
+    ],
+)
+def test_bad_prune_targets_name_the_field(tmp_path, prune, field, message):
+    error = load_error(write_recipe(tmp_path, _with_prune(prune)))
+    line = next(line for line in error.splitlines() if line.strip().startswith(field))
+    assert message in line
+
+
+def test_prune_after_quantize_is_refused(tmp_path):
+    error = load_error(
+        write_recipe(tmp_path, _with_prune({"ffn": {"ratio": 0.1}}, after_quantize=True))
+    )
+    assert "stages[1] prune after a quantize stage (stages[0])" in error
+
+
+@pytest.mark.parametrize(
+    ("prune", "needs"),
+    [
+        ({"criterion": "activation", "ffn": {"ratio": 0.1}}, True),
+        ({"criterion": "taylor", "heads": {"ratio": 0.3}}, True),
+        ({"criterion": "magnitude", "layers": {"remove": 2}}, True),  # layer scores need data
+        ({"criterion": "magnitude", "ffn": {"ratio": 0.1}}, False),
+        ({"criterion": "activation", "layers": {"indices": [3]}}, False),  # nothing scored
+    ],
+)
+def test_calibration_is_required_exactly_when_scores_need_data(tmp_path, prune, needs):
+    data = _with_prune(prune, calibration=False)
+    if needs:
+        assert "stages[0] (prune) need a `calibration` section" in load_error(
+            write_recipe(tmp_path, data)
+        )
+    else:
+        assert parse_recipe(data).calibration is None

@@ -1,0 +1,1 @@
+"""Structured pruning: targets (config), plan (shapes), scores, statistics, slicing, stage."""

@@ -1,0 +1,265 @@
+"""The `prune` stage: score heads / KV groups / FFN channels / layers, slice, fix the config.
+
+Scores are taken once, on the model as it enters the stage, for every target; then layers are
+removed and the kept layers are sliced to the uniform targets, so the result is a standard HF
+model whose `config.json` describes it and which stock transformers loads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from compress.models import count_params, decoder_layers_prefix
+from compress.prune.config import PruneConfig
+from compress.prune.plan import (
+    ATTENTION,
+    DOWN,
+    GATE,
+    KEY,
+    MLP,
+    OUTPUT,
+    QUERY,
+    UP,
+    VALUE,
+    ModelShape,
+    Targets,
+    apply_targets_to_config,
+    model_shape,
+    planned_model,
+    resolve_targets,
+)
+from compress.prune.scores import (
+    Projections,
+    UnitStats,
+    element_scores,
+    expand_units,
+    head_output_energy,
+    keep_top,
+    keep_top_per_group,
+    layers_to_remove,
+    unit_scores,
+)
+from compress.prune.slicing import prune_attention, prune_mlp, remove_layers
+from compress.prune.statistics import CalibrationStatistics, LayerStatistics, collect_statistics
+from compress.registry import StageContext, StageResult, register_stage
+
+log = logging.getLogger(__name__)
+
+
+def preflight(model: nn.Module, config: PruneConfig) -> None:
+    """Module names, shapes and every target, checked before any scoring."""
+    resolve_targets(model_shape(model), config)
+
+
+def _weight(layer: nn.Module, name: str) -> torch.Tensor:
+    return layer.get_submodule(name).weight.detach()
+
+
+def _taylor(stats: LayerStatistics, *names: str) -> tuple[torch.Tensor, ...] | None:
+    return tuple(stats.taylor[n] for n in names) if stats.taylor else None
+
+
+def choose_heads(
+    layer: nn.Module,
+    shape: ModelShape,
+    targets: Targets,
+    config: PruneConfig,
+    stats: LayerStatistics,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept query heads, kept KV heads) of one layer, ascending."""
+    q, k, v, o = (f"{ATTENTION}.{n}" for n in (QUERY, KEY, VALUE, OUTPUT))
+    groups, per_group, head_dim = shape.num_kv_heads, shape.heads_per_group, shape.head_dim
+    assert config.heads is not None
+    if config.criterion == "activation":
+        if stats.attention_gram is None:
+            raise ValueError("activation scores need attention statistics (a calibration pass)")
+        energy = head_output_energy(_weight(layer, o), stats.attention_gram)  # (H,)
+        # k/v feed attention, not the residual stream: a KV group's contribution is that of
+        # its query heads (their sum, cross-head terms left out).
+        group_energy = energy.reshape(groups, per_group).sum(1)  # (KV,)
+        head_scores, group_scores = energy.sqrt(), group_energy.sqrt()
+    else:
+        query_elements = element_scores(  # (H·D,)
+            Projections(rows=(_weight(layer, q),), columns=(_weight(layer, o),)),
+            config.criterion,
+            UnitStats(None, _taylor(stats, q), _taylor(stats, o)),
+            config.norm,
+        )
+        head_scores = unit_scores(query_elements, head_dim, config.criterion, config.norm)
+        kv_elements = element_scores(  # (KV·D,): k and v rows of each KV head summed
+            Projections(rows=(_weight(layer, k), _weight(layer, v)), columns=()),
+            config.criterion,
+            UnitStats(None, _taylor(stats, k, v), ()),
+            config.norm,
+        )
+        owned = torch.cat(  # (KV, G·D + D): everything one KV group owns
+            [query_elements.reshape(groups, -1), kv_elements.reshape(groups, -1)], dim=1
+        )
+        group_scores = unit_scores(owned.reshape(-1), owned.shape[1], config.criterion, config.norm)
+    if config.heads.unit == "query":
+        return keep_top_per_group(head_scores, groups, targets.heads_per_group), torch.arange(
+            groups
+        )
+    kept_groups = keep_top(group_scores, targets.num_kv_heads)
+    return expand_units(kept_groups, per_group), kept_groups
+
+
+def choose_channels(
+    layer: nn.Module, targets: Targets, config: PruneConfig, stats: LayerStatistics
+) -> torch.Tensor:
+    """Kept FFN channels of one layer, ascending."""
+    gate, up, down = (f"{MLP}.{n}" for n in (GATE, UP, DOWN))
+    elements = element_scores(  # (I,)
+        Projections(
+            rows=(_weight(layer, gate), _weight(layer, up)), columns=(_weight(layer, down),)
+        ),
+        config.criterion,
+        UnitStats(stats.ffn_input_sq, _taylor(stats, gate, up), _taylor(stats, down)),
+        config.norm,
+    )
+    return keep_top(
+        unit_scores(elements, 1, config.criterion, config.norm), targets.intermediate_size
+    )
+
+
+def statistics_for(
+    model: nn.Module, config: PruneConfig, context: StageContext
+) -> CalibrationStatistics | None:
+    """The calibration pass the config's scores need (None when weights alone decide)."""
+    if not config.needs_calibration:
+        return None
+    if context.calibration_windows is None:
+        raise RuntimeError("the prune stage needs calibration windows (recipe `calibration`)")
+    width = config.heads is not None or config.ffn is not None
+    return collect_statistics(
+        model,
+        context.calibration_windows(),
+        context.calibration_batch_size,
+        activations=width and config.criterion == "activation",
+        gradients=width and config.criterion == "taylor",
+        layer_distances=config.layers is not None and config.layers.remove is not None,
+    )
+
+
+@register_stage(PruneConfig, preflight=preflight, plan=planned_model)
+def prune_model(model: nn.Module, config: PruneConfig, context: StageContext) -> StageResult:
+    return prune_with_statistics(model, config, statistics_for(model, config, context))
+
+
+def prune_with_statistics(
+    model: nn.Module, config: PruneConfig, stats: CalibrationStatistics | None
+) -> StageResult:
+    """Score with `stats` (from `statistics_for`, or any pass that gathered at least as much),
+    slice the model in place, and report."""
+    shape = model_shape(model)
+    targets = resolve_targets(shape, config)
+    parameters_before = count_params(model)
+    layer_stats = stats.layers if stats else [LayerStatistics() for _ in range(shape.num_layers)]
+
+    layer_scores = None
+    if targets.layer_indices is not None:
+        removed = list(targets.layer_indices)
+    elif targets.remove_layers:
+        assert stats is not None
+        layer_scores = stats.layer_scores()
+        removed = layers_to_remove(layer_scores, targets.remove_layers)
+    else:
+        removed = []
+
+    prefix = decoder_layers_prefix(model)
+    layers = model.get_submodule(prefix)
+    heads_change = (targets.heads_per_group, targets.num_kv_heads) != (
+        shape.heads_per_group,
+        shape.num_kv_heads,
+    )
+    kept_heads: dict[int, list[int]] = {}
+    spanning_norms: set[str] = set()
+    for index, layer in enumerate(layers):
+        if index in removed:
+            continue
+        if heads_change:
+            query_heads, kv_heads = choose_heads(layer, shape, targets, config, layer_stats[index])
+            attention = layer.get_submodule(ATTENTION)
+            spanning_norms.update(prune_attention(attention, query_heads, kv_heads, shape.head_dim))
+            kept_heads[index] = query_heads.tolist()
+        if targets.intermediate_size != shape.intermediate_size:
+            prune_mlp(
+                layer.get_submodule(MLP),
+                choose_channels(layer, targets, config, layer_stats[index]),
+            )
+    kept_layers = remove_layers(model, prefix, removed)
+    apply_targets_to_config(model.config, shape, targets, kept_layers)
+
+    if spanning_norms:
+        log.warning(
+            "%s normalize over all heads together; after pruning they normalize over the kept "
+            "heads only, which changes the kept heads' outputs too (recovery training helps)",
+            sorted(spanning_norms),
+        )
+    parameters_after = count_params(model)
+    log.info(
+        "pruned %s → %s parameters (%.3f×)",
+        f"{parameters_before:,}",
+        f"{parameters_after:,}",
+        parameters_after / parameters_before,
+    )
+    per_layer = {
+        "query_heads": targets.num_heads,
+        "kv_heads": targets.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "ffn_channels": targets.intermediate_size,
+    }
+    return StageResult(
+        summary=_summary(shape, targets, removed, config, parameters_before, parameters_after),
+        details={
+            "criterion": config.criterion,
+            "norm": config.norm,
+            "layer_criterion": None if layer_scores is None else config.layers.criterion,
+            "parameters_before": parameters_before,
+            "parameters_after": parameters_after,
+            "parameter_ratio": parameters_after / parameters_before,
+            "layers_before": shape.num_layers,
+            "layers_removed": removed,
+            "layer_scores": None
+            if layer_scores is None
+            else [round(float(s), 6) for s in layer_scores],
+            "per_layer_before": {
+                "query_heads": shape.num_heads,
+                "kv_heads": shape.num_kv_heads,
+                "head_dim": shape.head_dim,
+                "ffn_channels": shape.intermediate_size,
+            },
+            "per_layer_after": per_layer,
+            "layers": [{"source_layer": i, **per_layer} for i in kept_layers],
+            "kept_query_heads": kept_heads,
+            "norms_spanning_heads": sorted(spanning_norms),
+            "calibration_tokens": stats.tokens if stats else 0,
+            "uniform": True,  # every layer has the same sizes: config.json describes the model
+        },
+    )
+
+
+def _summary(
+    shape: ModelShape,
+    targets: Targets,
+    removed: list[int],
+    config: PruneConfig,
+    before: int,
+    after: int,
+) -> str:
+    parts = []
+    if (targets.num_heads, targets.num_kv_heads) != (shape.num_heads, shape.num_kv_heads):
+        parts.append(
+            f"heads {shape.num_heads}/{shape.num_kv_heads} → "
+            f"{targets.num_heads}/{targets.num_kv_heads} (query/KV)"
+        )
+    if targets.intermediate_size != shape.intermediate_size:
+        parts.append(f"FFN {shape.intermediate_size} → {targets.intermediate_size}")
+    if removed:
+        parts.append(f"layers {removed} removed")
+    what = ", ".join(parts) or "nothing pruned"
+    ratio = after / before
+    return f"{what}; {config.criterion} scores; {before:,} → {after:,} parameters ({ratio:.3f}×)"
