@@ -46,6 +46,7 @@ FORMAT_VERSION = 1
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name for the layout in quant/packing.py
 # Files the pipeline adds after the manifest is sealed; verify() allows them.
 REPORT_FILES = frozenset({"report.json", "report.md"})
+REPORT_PREFIX = "report-"  # plots beside the report (compress/evaluate/plots.py)
 _VERSIONED_PACKAGES = ("compress", "torch", "transformers", "safetensors", "lm_eval", "pydantic")
 
 
@@ -226,7 +227,11 @@ def verify_artifact(path: Path) -> dict[str, Any]:
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (file changed)")
     listed = set(manifest.get("files", {})) | REPORT_FILES | {MANIFEST}
-    extra = sorted(p.name for p in path.iterdir() if p.is_file() and p.name not in listed)
+    extra = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file() and p.name not in listed and not p.name.startswith(REPORT_PREFIX)
+    )
     problems += [f"unlisted file {name}" for name in extra]
     if problems:
         raise ArtifactError(

@@ -16,12 +16,14 @@ The judged artifact finally moves, atomically, to `<output>/release/<name>/` (sh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +44,21 @@ from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError
 from compress.evaluate import lm_eval_runner
 from compress.evaluate.gate import decide
 from compress.evaluate.lm_eval_runner import TaskResult
+from compress.evaluate.plots import write_loss_curves
 from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.evaluate.report import build_report, render_markdown
 from compress.fileio import atomic_write_json, atomic_write_text, replace_dir
 from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
 from compress.profiling import PeakMemory
 from compress.quant.linear import QuantLinear
-from compress.recipe import EvalConfig, Recipe, TaskConfig, dump_recipe, load_recipe
+from compress.recipe import (
+    EvalConfig,
+    ModelConfig,
+    Recipe,
+    TaskConfig,
+    dump_recipe,
+    load_recipe,
+)
 from compress.registry import StageContext, handler_for
 
 log = logging.getLogger(__name__)
@@ -103,6 +113,10 @@ class Layout:
     def artifact(self) -> Path:
         return self.work / "artifact"
 
+    def stage_work(self, index: int) -> Path:
+        """In-stage checkpoints of stage `index` (e.g. distillation), kept for --resume."""
+        return self.work / f"stage-{index}"
+
     def artifact_eval(self, task: str) -> Path:
         return self.work / "eval" / f"{task}.json"
 
@@ -124,6 +138,7 @@ def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
         check_calibration_source(recipe.calibration)
     if recipe.eval.quality is not None:
         check_text_source(recipe.eval.quality.path, field=QUALITY_FIELD)
+    teacher_sources(recipe)
     return resolve_source(recipe.model), data_dir
 
 
@@ -192,29 +207,38 @@ def evaluate_cached(
 # --------------------------------------------------------------------------- stages
 
 
-def stage_context(recipe: Recipe, tokenizer: Any) -> StageContext:
+def stage_context(
+    recipe: Recipe, tokenizer: Any, teacher: Callable[[str | None], nn.Module] | None = None
+) -> StageContext:
     calibration = recipe.calibration
     if calibration is None:
-        return StageContext(dtype=recipe.dtype)
+        return StageContext(dtype=recipe.dtype, teacher=teacher)
     return StageContext(
         dtype=recipe.dtype,
         calibration_windows=functools.cache(lambda: calibration_batches(calibration, tokenizer)),
         calibration_batch_size=calibration.batch_size,
         calibration_device=calibration_device(calibration.device),
+        teacher=teacher,
     )
 
 
 def run_stages(
-    model: nn.Module, tokenizer: Any, recipe: Recipe, layout: Layout, state: WorkState
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    layout: Layout,
+    state: WorkState,
+    teacher: Callable[[str | None], nn.Module] | None = None,
 ) -> nn.Module:
     """Run the stages not yet completed, checkpointing after each one."""
-    context = stage_context(recipe, tokenizer)
+    context = stage_context(recipe, tokenizer, teacher)
     for index in range(len(state.stages), len(recipe.stages)):
         stage = recipe.stages[index]
         log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
         start = time.perf_counter()
+        stage_work = dataclasses.replace(context, work_dir=layout.stage_work(index))
         with PeakMemory() as memory:
-            result = handler_for(stage).apply(model, stage, context)
+            result = handler_for(stage).apply(model, stage, stage_work)
         seconds = time.perf_counter() - start
         save_artifact(
             model,
@@ -234,6 +258,7 @@ def run_stages(
             }
         )
         state.save(layout.state)
+        shutil.rmtree(layout.stage_work(index), ignore_errors=True)  # superseded by checkpoint/
         log.info("stage %d done in %.1f s: %s", index + 1, seconds, result.summary)
     return model
 
@@ -287,7 +312,9 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
             log.info("resuming after stage %d from %s", len(state.stages), layout.checkpoint)
             del model
             model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
-        model = run_stages(model, tokenizer, recipe, layout, state)
+        model = run_stages(
+            model, tokenizer, recipe, layout, state, teacher_loader(recipe, resolved)
+        )
         save_artifact(
             model,
             tokenizer,
@@ -343,6 +370,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
         source={"display": resolved.display, "sha256": source_sha},
         quality=None if quality is None else quality.to_dict(),
     )
+    report["plots"] = write_loss_curves(state.stages, layout.artifact)
     atomic_write_json(layout.artifact / "report.json", report)
     atomic_write_text(layout.artifact / "report.md", render_markdown(report))
 
@@ -358,6 +386,26 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
         artifact_dir=final,
         report=report,
     )
+
+
+def teacher_sources(recipe: Recipe) -> dict[str, ResolvedSource]:
+    """Every teacher a distill stage names, resolved (fails fast on a missing path)."""
+    named = {s.teacher for s in recipe.stages if getattr(s, "teacher", None) is not None}
+    common = {"revision": None, "trust_remote_code": recipe.model.trust_remote_code}
+    return {spec: resolve_source(ModelConfig(source=spec, **common)) for spec in sorted(named)}
+
+
+def teacher_loader(recipe: Recipe, source: ResolvedSource) -> Callable[[str | None], nn.Module]:
+    """Load the teacher when a stage asks for it: the source itself, or a named model. Not
+    cached: the teacher is freed when its stage ends."""
+    named = teacher_sources(recipe)
+
+    def load(spec: str | None) -> nn.Module:
+        resolved = source if spec is None else named[spec]
+        log.info("loading the distillation teacher from %s", resolved.display)
+        return load_model(resolved, recipe.dtype)[0]
+
+    return load
 
 
 def capture_quality_baseline(

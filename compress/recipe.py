@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compress.distill.config import DistillConfig
 from compress.errors import RecipeError
 from compress.prune.config import PruneConfig
 from compress.quant.config import QuantizeConfig
@@ -144,9 +145,9 @@ class OutputConfig(_Strict):
 
 
 # Every stage config type, each with a `type: Literal[...]` tag that selects it.
-STAGE_CONFIG_TYPES: tuple[type[BaseModel], ...] = (PruneConfig, QuantizeConfig)
+STAGE_CONFIG_TYPES: tuple[type[BaseModel], ...] = (PruneConfig, DistillConfig, QuantizeConfig)
 STAGE_TAGS = frozenset(t.model_fields["type"].default for t in STAGE_CONFIG_TYPES)
-StageConfig = Annotated[PruneConfig | QuantizeConfig, Field(discriminator="type")]
+StageConfig = Annotated[PruneConfig | DistillConfig | QuantizeConfig, Field(discriminator="type")]
 
 
 class Recipe(_Strict):
@@ -175,20 +176,45 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _prune_before_quantize(self) -> Recipe:
+    def _dense_stages_before_quantize(self) -> Recipe:
         quantized_at = next(
             (i for i, s in enumerate(self.stages) if isinstance(s, QuantizeConfig)), None
         )
-        late = [
-            i
-            for i, s in enumerate(self.stages)
-            if isinstance(s, PruneConfig) and quantized_at is not None and i > quantized_at
-        ]
-        if late:
-            raise ValueError(
-                f"stages{late} prune after a quantize stage (stages[{quantized_at}]): pruning "
-                "slices dense weights, so prune first, then quantize"
-            )
+        if quantized_at is None:
+            return self
+        for verb, kind in (("prune", PruneConfig), ("distill", DistillConfig)):
+            late = [
+                i for i, s in enumerate(self.stages) if isinstance(s, kind) and i > quantized_at
+            ]
+            if late:
+                raise ValueError(
+                    f"stages{late} {verb} after a quantize stage (stages[{quantized_at}]): "
+                    f"{verb} works on dense weights, so {verb} first, then quantize (for "
+                    "training that sees the quantization, set the distill stage's `qat`)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _qat_matches_the_next_quantize_stage(self) -> Recipe:
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, DistillConfig) or stage.qat is None:
+                continue
+            following = [s for s in self.stages[i + 1 :] if isinstance(s, QuantizeConfig)]
+            if not following:
+                raise ValueError(f"stages[{i}].qat: no quantize stage follows to match")
+            quantize = following[0]
+            differing = [
+                f"{name} {getattr(stage.qat, name)!r} vs {getattr(quantize, name)!r}"
+                for name in ("bits", "group_size", "symmetric", "observer")
+                if getattr(stage.qat, name) != getattr(quantize, name)
+            ]
+            if quantize.include is not None or quantize.exclude:
+                differing.append("include/exclude (QAT covers the default layer selection)")
+            if differing:
+                raise ValueError(
+                    f"stages[{i}].qat must fake-quantize exactly as the next quantize stage "
+                    f"stores; differs in: {'; '.join(differing)}"
+                )
         return self
 
     @model_validator(mode="after")

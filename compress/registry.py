@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,12 @@ class StageContext:
     calibration_batch_size: int = 8
     # Where each decoder layer is moved while it is calibrated (the model itself stays put).
     calibration_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The distillation teacher: called with None, the model as it was before the recipe's
+    # stages (loaded again from the source, so earlier stages never hold two copies); called
+    # with a model source (as in `model.source`), that model.
+    teacher: Callable[[str | None], nn.Module] | None = None
+    # A directory of this stage's own, kept across `--resume` (in-stage checkpoints).
+    work_dir: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.evaluate.gate import GateDecision
+from compress.evaluate.plots import loss_curve_name
 
 
 def build_report(
@@ -96,6 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"({sizes['quantized_layers_ratio']:.3f}×)"
         )
     lines += _pruning_lines(report["stages"])
+    lines += _distill_lines(report["stages"], report.get("plots", []))
     lines += [
         "",
         "## Stages",
@@ -154,4 +156,27 @@ def _pruning_lines(stages: list[dict[str, Any]]) -> list[str]:
             f"| after | {after['query_heads']} | {after['kv_heads']} | {after['head_dim']} "
             f"| {after['ffn_channels']} | {len(d['layers'])} |",
         ]
+    return lines
+
+
+def _distill_lines(stages: list[dict[str, Any]], plots: list[str]) -> list[str]:
+    lines: list[str] = []
+    for s in stages:
+        if s["type"] != "distill":
+            continue
+        d = s["details"]
+        first, last = d["loss_first"], d["loss_last"]
+        lines += [
+            "",
+            f"## Distillation (stage {s['index']})",
+            "",
+            f"- {d['steps']} steps, T = {d['temperature']}, α = {d['alpha']}"
+            + (f", QAT {d['qat']}" if d["qat"] else "")
+            + (f", resumed at step {d['resumed_from_step']}" if d["resumed_from_step"] else ""),
+            f"- loss {first['loss']:.4f} → {last['loss']:.4f}; KL term {first['kd']:.4f} → "
+            f"{last['kd']:.4f}",
+        ]
+        plot = loss_curve_name(s["index"])
+        if plot in plots:
+            lines += ["", f"![distillation loss, stage {s['index']}]({plot})"]
     return lines

@@ -70,3 +70,39 @@ def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_
     ids = held_out[:1, :64]
     with torch.no_grad():
         assert torch.equal(stock(ids).logits, best(ids).logits)
+
+
+def test_distillation_recovers_a_pruned_demo_model(demo_gguf):
+    """A few steps on the real model (loaded from GGUF, which transformers marks quantized)
+    lower the KL divergence that pruning added, on held-out text."""
+    from compress.distill.config import DistillConfig
+
+    if not (WIKITEXT / "valid.txt").is_file():
+        pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
+    teacher, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "float32")
+    calibration = CalibrationConfig(path=str(WIKITEXT / "valid.txt"), num_samples=8, seq_len=128)
+    windows = calibration_batches(calibration, tokenizer)
+    held_out = evaluation_windows(
+        load_text(str(WIKITEXT / "test.txt"), field="test"), tokenizer, 128, 2
+    )
+    baseline = baseline_logprobs(teacher, held_out)
+    context = StageContext(
+        dtype="float32",
+        calibration_windows=lambda: windows,
+        calibration_batch_size=4,
+        teacher=lambda _source: teacher,
+    )
+    student = copy.deepcopy(teacher)
+    for config in (
+        PruneConfig(criterion="activation", ffn={"ratio": 0.25, "multiple_of": 64}),
+        DistillConfig(steps=16, batch_size=2, lr=5e-5, warmup_steps=2, alpha=1.0),
+    ):
+        handler = handler_for(config)
+        handler.preflight(student, config)
+        if config.type == "distill":
+            pruned_kl = measure_quality(student, held_out, baseline).kl_divergence
+        handler.apply(student, config, context)
+    distilled_kl = measure_quality(student, held_out, baseline).kl_divergence
+    # Measured: 0.480 → 0.435 (the benchmark's 60 longer steps remove two thirds).
+    assert distilled_kl < 0.95 * pruned_kl, (pruned_kl, distilled_kl)
+    assert next(student.parameters()).dtype == torch.float32

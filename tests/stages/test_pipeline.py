@@ -7,6 +7,7 @@ tests/unit/test_lm_eval_runner.py and end to end in tests/e2e.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -408,3 +409,73 @@ def test_resume_after_prune_continues_from_the_pruned_checkpoint(
     outcome = pipeline.run(recipe, resume=True)
     assert [s["type"] for s in outcome.report["stages"]] == ["prune", "quantize"]
     assert (outcome.artifact_dir / "model.safetensors").read_bytes() == reference_weights
+
+
+def test_prune_distill_quantize_resumes_inside_distillation(
+    tmp_path, tiny_llama_dir, scorer, monkeypatch
+):
+    from compress.distill import trainer
+
+    scorer(artifact_right=N_ITEMS)
+    stages = [
+        {"type": "prune", "criterion": "activation", "ffn": {"ratio": 0.25, "multiple_of": 32}},
+        {"type": "distill", "steps": 5, "batch_size": 2, "checkpoint_every": 2, "lr": 1e-4},
+        {"type": "quantize", "bits": 8},
+    ]
+    calibration = small_calibration(tmp_path)
+    reference = pipeline.run(
+        write_recipe(tmp_path / "ref", tiny_llama_dir, stages=stages, calibration=calibration)
+    )
+    distill = reference.report["stages"][1]["details"]
+    assert distill["steps"] == 5 and distill["resumed_from_step"] is None
+
+    real = trainer._Setup.accumulate_gradients
+
+    def dies_at_step_3(self, step):
+        if step == 3:
+            raise Interrupted("killed during distillation")
+        return real(self, step)
+
+    monkeypatch.setattr(trainer._Setup, "accumulate_gradients", dies_at_step_3)
+    recipe = write_recipe(tmp_path, tiny_llama_dir, stages=stages, calibration=calibration)
+    with pytest.raises(Interrupted):
+        pipeline.run(recipe)
+    assert (tmp_path / "runs" / "work" / "tiny-mixed" / "stage-1" / trainer.TRAINER).is_file()
+
+    monkeypatch.setattr(trainer._Setup, "accumulate_gradients", real)
+    outcome = pipeline.run(recipe, resume=True)
+    assert outcome.report["stages"][1]["details"]["resumed_from_step"] == 2
+    verify_artifact(outcome.artifact_dir)
+    markdown = (outcome.artifact_dir / "report.md").read_text()
+    assert "## Distillation (stage 1)" in markdown and "resumed at step 2" in markdown
+    if importlib.util.find_spec("matplotlib") is not None:  # the `report` extra
+        (plot,) = outcome.report["plots"]
+        assert (outcome.artifact_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({plot})" in markdown
+    weights = (outcome.artifact_dir / "model.safetensors").read_bytes()
+    assert weights == (reference.artifact_dir / "model.safetensors").read_bytes()
+
+
+def test_a_named_teacher_that_does_not_exist_exits_2_before_any_work(
+    tmp_path, tiny_llama_dir, scorer, caplog
+):
+    scripted = scorer(artifact_right=N_ITEMS)
+    stages = [{"type": "distill", "steps": 2, "teacher": str(tmp_path / "no-such-teacher")}]
+    recipe = write_recipe(
+        tmp_path, tiny_llama_dir, stages=stages, calibration=small_calibration(tmp_path)
+    )
+    assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
+    assert "no-such-teacher" in caplog.text and scripted.calls == []
+
+
+def test_a_named_teacher_is_loaded_for_distillation(tmp_path, tiny_llama_dir, scorer):
+    scorer(artifact_right=N_ITEMS)
+    stages = [
+        {"type": "distill", "steps": 2, "batch_size": 2, "teacher": str(tiny_llama_dir)},
+        {"type": "quantize", "bits": 8},
+    ]
+    recipe = write_recipe(
+        tmp_path, tiny_llama_dir, stages=stages, calibration=small_calibration(tmp_path)
+    )
+    outcome = pipeline.run(recipe)
+    assert outcome.report["stages"][0]["details"]["steps"] == 2

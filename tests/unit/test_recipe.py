@@ -108,6 +108,7 @@ def test_shipped_recipes_are_found():
         "int4-group.yaml",
         "int8-channel.yaml",
         "prune-heads-ffn.yaml",
+        "prune-distill-int4.yaml",
     }
 
 
@@ -357,3 +358,62 @@ def test_calibration_is_required_exactly_when_scores_need_data(tmp_path, prune, 
         )
     else:
         assert parse_recipe(data).calibration is None
+
+
+# --- the distill stage ---
+
+
+def _prune_distill_quantize(distill: dict[str, Any], quantize: dict[str, Any] | None = None):
+    data = valid_recipe()
+    data["calibration"] = {"path": "calib.txt"}
+    data["stages"] = [
+        {"type": "prune", "ffn": {"ratio": 0.25}},
+        {"type": "distill", **distill},
+        {"type": "quantize", "bits": 4, "group_size": 64, "symmetric": False, **(quantize or {})},
+    ]
+    return data
+
+
+def test_prune_distill_quantize_parses():
+    qat = {"bits": 4, "group_size": 64, "symmetric": False}
+    recipe = parse_recipe(_prune_distill_quantize({"steps": 100, "qat": qat}))
+    distill = recipe.stages[1]
+    assert (distill.type, distill.temperature, distill.alpha) == ("distill", 2.0, 0.7)
+    assert distill.qat.group_size == 64
+    assert parse_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+@pytest.mark.parametrize(
+    ("distill", "field", "message"),
+    [
+        ({"steps": 0}, "stages[1].steps", "greater than 0"),
+        ({"tokens": 0}, "stages[1].tokens", "greater than 0"),
+        ({}, "stages[1]", "exactly one of steps, tokens"),
+        ({"steps": 5, "tokens": 500}, "stages[1]", "exactly one of steps, tokens"),
+        ({"steps": 5, "alpha": 1.5}, "stages[1].alpha", "less than or equal to 1"),
+        (
+            {"steps": 5, "hidden": {"layers": [1, 2], "teacher_layers": [1]}},
+            "stages[1].hidden",
+            "one teacher layer per student layer",
+        ),
+    ],
+)
+def test_bad_distill_settings_name_the_field(tmp_path, distill, field, message):
+    error = load_error(write_recipe(tmp_path, _prune_distill_quantize(distill)))
+    line = next(line for line in error.splitlines() if line.strip().startswith(field))
+    assert message in line
+
+
+def test_qat_must_match_the_quantize_stage(tmp_path):
+    qat = {"bits": 4, "group_size": 32, "symmetric": False}
+    error = load_error(write_recipe(tmp_path, _prune_distill_quantize({"steps": 5, "qat": qat})))
+    assert "stages[1].qat must fake-quantize exactly as the next quantize stage" in error
+    assert "group_size 32 vs 64" in error
+
+
+def test_distill_after_quantize_is_refused(tmp_path):
+    data = _prune_distill_quantize({"steps": 5})
+    data["stages"] = [data["stages"][2], data["stages"][1]]
+    assert "stages[1] distill after a quantize stage (stages[0])" in load_error(
+        write_recipe(tmp_path, data)
+    )

@@ -1,0 +1,1 @@
+"""Distillation recovery: losses, QAT fake quantization, the training loop, the stage."""
