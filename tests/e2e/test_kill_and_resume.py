@@ -90,3 +90,57 @@ def test_kill_9_during_evaluation_then_resume(tmp_path, tiny_llama_dir, eval_dat
     ]
     assert scores[0]["artifact"] == scores[1]["artifact"]
     assert scores[0]["baseline"] == scores[1]["baseline"]
+
+
+def test_kill_9_during_distillation_then_resume(tmp_path, tiny_llama_dir, eval_data_dir):
+    """Killed between two in-stage checkpoints of a distill stage; the resumed run continues
+    from the last checkpoint and ends with the weights of a run that was never interrupted."""
+    env = {**os.environ, "COMPRESS_EVAL_DATA_DIR": str(eval_data_dir), "HF_HUB_OFFLINE": "1"}
+    text = tmp_path / "calibration.txt"
+    text.write_text("Distillation needs text, and this sentence is the text. " * 400)
+
+    def recipe(name: str) -> Path:
+        path = _recipe(tmp_path, tiny_llama_dir, name)
+        data = yaml.safe_load(path.read_text())
+        data["calibration"] = {"path": str(text), "num_samples": 8, "seq_len": 32}
+        data["stages"] = [
+            {"type": "distill", "steps": 60, "batch_size": 2, "checkpoint_every": 5},
+            {"type": "quantize", "bits": 8},
+        ]
+        data["eval"]["tasks"][0]["limit"] = 2
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    killed = recipe("distill-killed")
+    checkpoint = tmp_path / "runs" / "work" / "distill-killed" / "stage-0" / "trainer.json"
+    log_path = tmp_path / "first.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(_command(killed), env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and not checkpoint.is_file():
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{log_path.read_text()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    step = json.loads(checkpoint.read_text())["step"]
+    assert 5 <= step < 60
+
+    resumed = subprocess.run(
+        _command(killed, "--resume"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "distill: resuming at step" in resumed.stderr
+    reference = subprocess.run(
+        _command(recipe("distill-uninterrupted")),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    release = tmp_path / "runs" / "release"
+    weights = [
+        (release / n / "model.safetensors").read_bytes()
+        for n in ("distill-killed", "distill-uninterrupted")
+    ]
+    assert weights[0] == weights[1]
