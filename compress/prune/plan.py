@@ -225,17 +225,11 @@ def resolve_targets(shape: ModelShape, config: PruneConfig) -> Targets:
     return Targets(heads_per_group, kv_heads, intermediate, remove, indices)
 
 
-def pruned_config(config: object, shape: ModelShape, targets: Targets, kept_layers: list[int]):
-    """A copy of the HF config describing the pruned model (head_dim written explicitly,
-    since the default hidden_size // num_attention_heads would change with the head count)."""
-    new = copy.deepcopy(config)
-    apply_targets_to_config(new, shape, targets, kept_layers)
-    return new
-
-
 def apply_targets_to_config(
     config: object, shape: ModelShape, targets: Targets, kept_layers: list[int]
 ) -> None:
+    """Describe the pruned model in its HF config, in place. head_dim is written explicitly:
+    the default hidden_size // num_attention_heads would change with the head count."""
     config.head_dim = shape.head_dim
     config.num_attention_heads = targets.num_heads
     config.num_key_value_heads = targets.num_kv_heads
@@ -255,6 +249,7 @@ def planned_model(model: nn.Module, config: PruneConfig) -> nn.Module:
     kept = list(range(shape.num_layers - targets.remove_layers))
     if targets.layer_indices is not None:
         kept = [i for i in range(shape.num_layers) if i not in targets.layer_indices]
-    new_config = pruned_config(model.config, shape, targets, kept)
+    new_config = copy.deepcopy(model.config)
+    apply_targets_to_config(new_config, shape, targets, kept)
     with torch.device("meta"):
         return type(model)(new_config)

@@ -62,6 +62,61 @@ def _taylor(stats: LayerStatistics, *names: str) -> tuple[torch.Tensor, ...] | N
     return tuple(stats.taylor[n] for n in names) if stats.taylor else None
 
 
+def _head_energy(layer: nn.Module, stats: LayerStatistics) -> torch.Tensor:
+    """Each query head's contribution to the residual stream, Σ‖W_h a_h‖², (H,)."""
+    if stats.attention_gram is None:
+        raise ValueError("activation scores need attention statistics (a calibration pass)")
+    return head_output_energy(_weight(layer, f"{ATTENTION}.{OUTPUT}"), stats.attention_gram)
+
+
+def _query_elements(layer: nn.Module, config: PruneConfig, stats: LayerStatistics) -> torch.Tensor:
+    """Per-element partial scores of the q rows and o columns, (H·D,)."""
+    q, o = f"{ATTENTION}.{QUERY}", f"{ATTENTION}.{OUTPUT}"
+    return element_scores(
+        Projections(rows=(_weight(layer, q),), columns=(_weight(layer, o),)),
+        config.criterion,
+        UnitStats(None, _taylor(stats, q), _taylor(stats, o)),
+        config.norm,
+    )
+
+
+def query_head_scores(
+    layer: nn.Module, shape: ModelShape, config: PruneConfig, stats: LayerStatistics
+) -> torch.Tensor:
+    """(H,) importance of each query head."""
+    if config.criterion == "activation":
+        return _head_energy(layer, stats).sqrt()
+    return unit_scores(
+        _query_elements(layer, config, stats), shape.head_dim, config.criterion, config.norm
+    )
+
+
+def kv_group_scores(
+    layer: nn.Module, shape: ModelShape, config: PruneConfig, stats: LayerStatistics
+) -> torch.Tensor:
+    """(KV,) importance of each KV group: its K and V heads with all their query heads."""
+    groups = shape.num_kv_heads
+    if config.criterion == "activation":
+        # k/v feed attention, not the residual stream: a KV group's contribution is that of
+        # its query heads (their sum, cross-head terms left out).
+        return _head_energy(layer, stats).reshape(groups, -1).sum(1).sqrt()
+    k, v = f"{ATTENTION}.{KEY}", f"{ATTENTION}.{VALUE}"
+    kv_elements = element_scores(  # (KV·D,): k and v rows of each KV head summed
+        Projections(rows=(_weight(layer, k), _weight(layer, v)), columns=()),
+        config.criterion,
+        UnitStats(None, _taylor(stats, k, v), ()),
+        config.norm,
+    )
+    owned = torch.cat(  # (KV, G·D + D): everything one KV group owns
+        [
+            _query_elements(layer, config, stats).reshape(groups, -1),
+            kv_elements.reshape(groups, -1),
+        ],
+        dim=1,
+    )
+    return unit_scores(owned.reshape(-1), owned.shape[1], config.criterion, config.norm)
+
+
 def choose_heads(
     layer: nn.Module,
     shape: ModelShape,
@@ -70,41 +125,13 @@ def choose_heads(
     stats: LayerStatistics,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept query heads, kept KV heads) of one layer, ascending."""
-    q, k, v, o = (f"{ATTENTION}.{n}" for n in (QUERY, KEY, VALUE, OUTPUT))
-    groups, per_group, head_dim = shape.num_kv_heads, shape.heads_per_group, shape.head_dim
     assert config.heads is not None
-    if config.criterion == "activation":
-        if stats.attention_gram is None:
-            raise ValueError("activation scores need attention statistics (a calibration pass)")
-        energy = head_output_energy(_weight(layer, o), stats.attention_gram)  # (H,)
-        # k/v feed attention, not the residual stream: a KV group's contribution is that of
-        # its query heads (their sum, cross-head terms left out).
-        group_energy = energy.reshape(groups, per_group).sum(1)  # (KV,)
-        head_scores, group_scores = energy.sqrt(), group_energy.sqrt()
-    else:
-        query_elements = element_scores(  # (H·D,)
-            Projections(rows=(_weight(layer, q),), columns=(_weight(layer, o),)),
-            config.criterion,
-            UnitStats(None, _taylor(stats, q), _taylor(stats, o)),
-            config.norm,
-        )
-        head_scores = unit_scores(query_elements, head_dim, config.criterion, config.norm)
-        kv_elements = element_scores(  # (KV·D,): k and v rows of each KV head summed
-            Projections(rows=(_weight(layer, k), _weight(layer, v)), columns=()),
-            config.criterion,
-            UnitStats(None, _taylor(stats, k, v), ()),
-            config.norm,
-        )
-        owned = torch.cat(  # (KV, G·D + D): everything one KV group owns
-            [query_elements.reshape(groups, -1), kv_elements.reshape(groups, -1)], dim=1
-        )
-        group_scores = unit_scores(owned.reshape(-1), owned.shape[1], config.criterion, config.norm)
+    groups = shape.num_kv_heads
     if config.heads.unit == "query":
-        return keep_top_per_group(head_scores, groups, targets.heads_per_group), torch.arange(
-            groups
-        )
-    kept_groups = keep_top(group_scores, targets.num_kv_heads)
-    return expand_units(kept_groups, per_group), kept_groups
+        scores = query_head_scores(layer, shape, config, stats)
+        return keep_top_per_group(scores, groups, targets.heads_per_group), torch.arange(groups)
+    kept_groups = keep_top(kv_group_scores(layer, shape, config, stats), targets.num_kv_heads)
+    return expand_units(kept_groups, shape.heads_per_group), kept_groups
 
 
 def choose_channels(

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from compress.artifact import save_artifact
 from compress.calibration import calibration_batches, evaluation_windows, load_text
-from compress.evaluate.quality import baseline_logprobs, measure_quality
+from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.models import load_model, resolve_source
 from compress.prune.config import PruneConfig
 from compress.recipe import CalibrationConfig, ModelConfig
@@ -30,18 +33,41 @@ pytestmark = pytest.mark.slow
 WIKITEXT = SHARED_DATA / "wikitext-2"
 
 
-def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_path, demo_gguf):
+@dataclass
+class DemoInputs:
+    model: nn.Module  # float32
+    tokenizer: Any
+    windows: torch.Tensor  # calibration windows (samples, seq_len)
+    held_out: torch.Tensor  # two held-out windows of seq_len
+    baseline: BaselineLogProbs
+
+
+def _demo_inputs(samples: int, seq_len: int) -> DemoInputs:
     if not (WIKITEXT / "valid.txt").is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
     model, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "float32")
-    calibration = CalibrationConfig(path=str(WIKITEXT / "valid.txt"), num_samples=4, seq_len=256)
-    windows = calibration_batches(calibration, tokenizer)
-    held_out = evaluation_windows(
-        load_text(str(WIKITEXT / "test.txt"), field="test"), tokenizer, 256, 2
+    calibration = CalibrationConfig(
+        path=str(WIKITEXT / "valid.txt"), num_samples=samples, seq_len=seq_len
     )
-    baseline = baseline_logprobs(model, held_out)
+    held_out = evaluation_windows(
+        load_text(str(WIKITEXT / "test.txt"), field="test"), tokenizer, seq_len, 2
+    )
+    return DemoInputs(
+        model,
+        tokenizer,
+        calibration_batches(calibration, tokenizer),
+        held_out,
+        baseline_logprobs(model, held_out),
+    )
+
+
+def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_path, demo_gguf):
+    inputs = _demo_inputs(samples=4, seq_len=256)
+    model, tokenizer, held_out, baseline = (
+        inputs.model, inputs.tokenizer, inputs.held_out, inputs.baseline,
+    )  # fmt: skip
     context = StageContext(
-        dtype="float32", calibration_windows=lambda: windows, calibration_batch_size=2
+        dtype="float32", calibration_windows=lambda: inputs.windows, calibration_batch_size=2
     )
     targets = {
         "heads": {"keep": 6},  # one query head fewer in each of the 3 KV groups
@@ -77,18 +103,11 @@ def test_distillation_recovers_a_pruned_demo_model(demo_gguf):
     lower the KL divergence that pruning added, on held-out text."""
     from compress.distill.config import DistillConfig
 
-    if not (WIKITEXT / "valid.txt").is_file():
-        pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
-    teacher, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "float32")
-    calibration = CalibrationConfig(path=str(WIKITEXT / "valid.txt"), num_samples=8, seq_len=128)
-    windows = calibration_batches(calibration, tokenizer)
-    held_out = evaluation_windows(
-        load_text(str(WIKITEXT / "test.txt"), field="test"), tokenizer, 128, 2
-    )
-    baseline = baseline_logprobs(teacher, held_out)
+    inputs = _demo_inputs(samples=8, seq_len=128)
+    teacher, held_out, baseline = inputs.model, inputs.held_out, inputs.baseline
     context = StageContext(
         dtype="float32",
-        calibration_windows=lambda: windows,
+        calibration_windows=lambda: inputs.windows,
         calibration_batch_size=4,
         teacher=lambda _source: teacher,
     )
