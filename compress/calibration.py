@@ -222,20 +222,21 @@ def check_calibration_source(cfg: CalibrationConfig) -> None:
     calibration_device(cfg.device)
 
 
-def calibration_device(spec: str) -> torch.device:
-    """`calibration.device` → a device this machine has (`auto`: cuda if available)."""
+def calibration_device(spec: str, field: str = "calibration.device") -> torch.device:
+    """A device setting (`auto|cpu|cuda[:N]`) → a device this machine has (`auto`: cuda if
+    available); `field` names the setting in errors."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise BadInputError(
-                f"calibration.device: {spec!r}, but torch {torch.__version__} sees no CUDA "
+                f"{field}: {spec!r}, but torch {torch.__version__} sees no CUDA "
                 "device here; use cpu or auto"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise BadInputError(
-                f"calibration.device: {spec!r}, but only {torch.cuda.device_count()} CUDA "
+                f"{field}: {spec!r}, but only {torch.cuda.device_count()} CUDA "
                 "device(s) are visible"
             )
     return device

@@ -15,9 +15,18 @@ log = logging.getLogger("compress")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from compress.pipeline import run
+    from compress.distill.parallel import from_environment, stop_workers
+    from compress.pipeline import run, serve_distillation
 
-    outcome = run(args.recipe, resume=args.resume)
+    parallel = from_environment()  # under `accelerate launch`: only distillation is shared
+    if parallel is not None and not parallel.is_main:
+        serve_distillation(args.recipe, parallel)
+        return EXIT_OK
+    try:
+        outcome = run(args.recipe, resume=args.resume, parallel=parallel)
+    finally:
+        if parallel is not None:
+            stop_workers(parallel)
     sys.stdout.write(
         json.dumps(
             {

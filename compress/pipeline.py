@@ -40,6 +40,8 @@ from compress.calibration import (
     evaluation_windows,
     load_text,
 )
+from compress.distill.parallel import STOP, DataParallel
+from compress.distill.stage import serve_job
 from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError
 from compress.evaluate import lm_eval_runner
 from compress.evaluate.gate import decide
@@ -208,17 +210,21 @@ def evaluate_cached(
 
 
 def stage_context(
-    recipe: Recipe, tokenizer: Any, teacher: Callable[[str | None], nn.Module] | None = None
+    recipe: Recipe,
+    tokenizer: Any,
+    teacher: Callable[[str | None], nn.Module] | None = None,
+    parallel: DataParallel | None = None,
 ) -> StageContext:
     calibration = recipe.calibration
     if calibration is None:
-        return StageContext(dtype=recipe.dtype, teacher=teacher)
+        return StageContext(dtype=recipe.dtype, teacher=teacher, parallel=parallel)
     return StageContext(
         dtype=recipe.dtype,
         calibration_windows=functools.cache(lambda: calibration_batches(calibration, tokenizer)),
         calibration_batch_size=calibration.batch_size,
         calibration_device=calibration_device(calibration.device),
         teacher=teacher,
+        parallel=parallel,
     )
 
 
@@ -229,9 +235,10 @@ def run_stages(
     layout: Layout,
     state: WorkState,
     teacher: Callable[[str | None], nn.Module] | None = None,
+    parallel: DataParallel | None = None,
 ) -> nn.Module:
     """Run the stages not yet completed, checkpointing after each one."""
-    context = stage_context(recipe, tokenizer, teacher)
+    context = stage_context(recipe, tokenizer, teacher, parallel)
     for index in range(len(state.stages), len(recipe.stages)):
         stage = recipe.stages[index]
         log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
@@ -279,7 +286,11 @@ def _sizes(model_artifact: Path, stages: list[dict[str, Any]], dtype: str) -> di
     }
 
 
-def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
+def run(
+    recipe_path: str | Path, *, resume: bool = False, parallel: DataParallel | None = None
+) -> RunOutcome:
+    """The whole flow, on one process or as rank 0 of a data-parallel launch (`parallel`),
+    whose workers run `serve_distillation` meanwhile."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     recipe = load_recipe(recipe_path)
@@ -313,7 +324,7 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
             del model
             model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
         model = run_stages(
-            model, tokenizer, recipe, layout, state, teacher_loader(recipe, resolved)
+            model, tokenizer, recipe, layout, state, teacher_loader(recipe, resolved), parallel
         )
         save_artifact(
             model,
@@ -386,6 +397,17 @@ def run(recipe_path: str | Path, *, resume: bool = False) -> RunOutcome:
         artifact_dir=final,
         report=report,
     )
+
+
+def serve_distillation(recipe_path: str | Path, parallel: DataParallel) -> None:
+    """A worker rank of a data-parallel launch: train each distill stage's share in step with
+    rank 0 until it says stop. Writes nothing."""
+    recipe = load_recipe(recipe_path)
+    resolved, _ = check_inputs(recipe)
+    teacher_of = teacher_loader(recipe, resolved)
+    while (message := parallel.receive_message())["op"] != STOP:
+        serve_job(message, teacher_of, parallel)
+    log.info("rank %d: rank 0 is done", parallel.rank)
 
 
 def teacher_sources(recipe: Recipe) -> dict[str, ResolvedSource]:

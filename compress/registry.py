@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
 from torch import nn
+
+if TYPE_CHECKING:
+    from compress.distill.parallel import DataParallel
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class StageContext:
     teacher: Callable[[str | None], nn.Module] | None = None
     # A directory of this stage's own, kept across `--resume` (in-stage checkpoints).
     work_dir: Path | None = None
+    # Rank 0's view of a data-parallel launch (`accelerate launch`); None for one process.
+    parallel: DataParallel | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -86,6 +88,20 @@ class DistillConfig(_Strict):
         "none", description="bf16 autocast for the forward passes (weights stay float32)"
     )
     seed: int = 0
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="where the student trains (it returns to CPU memory afterwards); auto = "
+        "cuda if available, else cpu. Under `accelerate launch` each process trains on the "
+        "device the launcher gives it",
+    )
+    teacher_device: str | None = Field(
+        None,
+        pattern=r"^(offload|cpu|cuda(:[0-9]+)?)$",
+        description="where the teacher runs: null = the student's device; another device "
+        "(e.g. cuda:1 for a large teacher); offload = weights in CPU memory, each layer moved "
+        "to the student's device for its forward (slow, needs no room for a second model)",
+    )
     checkpoint_every: int = Field(
         50, gt=0, description="steps between resumable checkpoints (model, optimizer, data)"
     )

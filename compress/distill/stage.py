@@ -9,15 +9,24 @@ their weights fake-quantized during training (`compress.distill.fake_quant`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from compress.calibration import calibration_device
 from compress.distill.config import DistillConfig, SyntheticData
 from compress.distill.fake_quant import add_fake_quantization, remove_fake_quantization
-from compress.distill.trainer import train
+from compress.distill.parallel import (
+    DISTILL,
+    DataParallel,
+    check_batch_size,
+    world_size_from_environment,
+)
+from compress.distill.trainer import TrainResult, train
 from compress.errors import PreflightError
 from compress.models import DTYPES, decoder_layers_prefix
 from compress.quant.config import QuantizeConfig
@@ -55,6 +64,11 @@ def preflight(model: nn.Module, config: DistillConfig) -> None:
             )
     if config.qat is not None:
         quantize_preflight(model, _qat_as_quantize(config))  # group sizes fit every layer
+    check_batch_size(config.batch_size, world_size_from_environment())
+    if world_size_from_environment() == 1:  # under a launcher, each process has its device
+        calibration_device(config.device, field="device")
+        if config.teacher_device not in (None, "offload"):
+            calibration_device(config.teacher_device, field="teacher_device")
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, config: DistillConfig) -> None:
@@ -128,6 +142,112 @@ def training_sequences(
     return sequences
 
 
+def place_teacher(
+    teacher: nn.Module, config: DistillConfig, student_device: torch.device
+) -> torch.device:
+    """Move the teacher where `teacher_device` says; returns where its inputs go."""
+    if config.teacher_device == "offload":
+        from accelerate import cpu_offload
+
+        cpu_offload(teacher, execution_device=student_device)
+        return student_device
+    device = (
+        student_device
+        if config.teacher_device is None
+        else calibration_device(config.teacher_device, field="teacher_device")
+    )
+    nn.Module.to(teacher, device)
+    return device
+
+
+def run_training(
+    student: nn.Module,
+    teacher: nn.Module,
+    sequences: torch.Tensor,
+    config: DistillConfig,
+    *,
+    dtype: torch.dtype,
+    work_dir: Path | None,
+    parallel: DataParallel | None,
+) -> TrainResult:
+    """Train in float32 on the training device with the QAT wrappers on, then return the
+    student to CPU memory in the recipe's dtype (on every rank, the same way)."""
+    device = (
+        calibration_device(config.device, field="device") if parallel is None else parallel.device
+    )
+    teacher_device = place_teacher(teacher, config, device)
+    # nn.Module's own cast: transformers refuses .float() on models it loaded from GGUF
+    # (it marks them quantized), though their weights are plain float tensors by now.
+    nn.Module.to(student, device=device, dtype=torch.float32)
+    qat_layers = {}
+    if config.qat is not None:
+        quantize = _qat_as_quantize(config)
+        qat_layers = select_layers(student, quantize)
+        add_fake_quantization(qat_layers, spec_of(quantize), dtype, range_search_of(quantize))
+    try:
+        return train(
+            student,
+            teacher,
+            sequences,
+            config,
+            checkpoint_dir=work_dir,
+            teacher_device=teacher_device,
+            parallel=parallel,
+        )
+    finally:
+        remove_fake_quantization(qat_layers)
+        nn.Module.to(student, device="cpu", dtype=dtype)
+
+
+def _send_job(
+    parallel: DataParallel,
+    student: nn.Module,
+    sequences: torch.Tensor,
+    config: DistillConfig,
+    context: StageContext,
+) -> None:
+    """Rank 0 → workers: the student's architecture and weights, the sequences, the config."""
+    state = student.state_dict()
+    parallel.send_message(
+        {
+            "op": DISTILL,
+            "config": config.model_dump(mode="json"),
+            "student_config": student.config.to_dict(),
+            "state_keys": list(state),
+            "sequences": list(sequences.shape),
+            "dtype": context.dtype,
+            "work_dir": None if context.work_dir is None else str(context.work_dir),
+        }
+    )
+    parallel.broadcast_tensors([*state.values(), sequences])
+
+
+def serve_job(
+    message: dict, teacher_of: Callable[[str | None], nn.Module], parallel: DataParallel
+) -> None:
+    """A worker's side of one distill stage: rebuild the student, train in step with rank 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = DistillConfig.model_validate(message["config"])
+    student_config = dict(message["student_config"])
+    student_config = AutoConfig.for_model(student_config.pop("model_type"), **student_config)
+    student = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+    state = student.state_dict()
+    if list(state) != message["state_keys"]:
+        raise RuntimeError(
+            f"rank {parallel.rank}: the rebuilt student's tensors differ from rank 0's "
+            f"({len(state)} vs {len(message['state_keys'])} names)"
+        )
+    sequences = torch.empty(message["sequences"], dtype=torch.long)
+    parallel.broadcast_tensors([*state.values(), sequences])
+    teacher = teacher_of(config.teacher)
+    work_dir = None if message["work_dir"] is None else Path(message["work_dir"])
+    dtype = DTYPES[message["dtype"]]
+    run_training(
+        student, teacher, sequences, config, dtype=dtype, work_dir=work_dir, parallel=parallel
+    )
+
+
 @register_stage(DistillConfig, preflight=preflight)
 def distill_model(model: nn.Module, config: DistillConfig, context: StageContext) -> StageResult:
     if context.teacher is None:
@@ -135,25 +255,25 @@ def distill_model(model: nn.Module, config: DistillConfig, context: StageContext
     teacher = context.teacher(config.teacher)
     check_teacher(model, teacher, config)
     sequences = training_sequences(config, context, teacher)  # (N, T)
-    dtype = DTYPES[context.dtype]
-    qat_layers = {}
-    # nn.Module's own cast: transformers refuses .float() on models it loaded from GGUF
-    # (it marks them quantized), though their weights are plain float tensors by now.
-    nn.Module.to(model, torch.float32)
-    if config.qat is not None:
-        quantize = _qat_as_quantize(config)
-        qat_layers = select_layers(model, quantize)
-        add_fake_quantization(qat_layers, spec_of(quantize), dtype, range_search_of(quantize))
-    try:
-        result = train(model, teacher, sequences, config, checkpoint_dir=context.work_dir)
-    finally:
-        remove_fake_quantization(qat_layers)
-        nn.Module.to(model, dtype)
+    parallel = context.parallel
+    if parallel is not None:
+        nn.Module.to(model, torch.float32)  # the workers' copies are float32 too
+        _send_job(parallel, model, sequences, config, context)
+    result = run_training(
+        model,
+        teacher,
+        sequences,
+        config,
+        dtype=DTYPES[context.dtype],
+        work_dir=context.work_dir,
+        parallel=parallel,
+    )
     first, last = result.curve[0], result.curve[-1]
     summary = (
         f"{result.steps} steps, {result.steps * config.batch_size * config.grad_accumulation} "
         f"sequences of {sequences.shape[1]} tokens; loss {first['loss']:.4f} → {last['loss']:.4f}"
-        + (f"; QAT {quantize.scheme}" if config.qat is not None else "")
+        + (f"; QAT {_qat_as_quantize(config).scheme}" if config.qat is not None else "")
+        + ("" if parallel is None else f"; data-parallel over {parallel.world_size} processes")
     )
     log.info("distill: %s in %.1f s", summary, result.seconds)
     return StageResult(
@@ -163,6 +283,7 @@ def distill_model(model: nn.Module, config: DistillConfig, context: StageContext
             "tokens_this_run": result.tokens,
             "resumed_from_step": result.resumed_from,
             "train_seconds": result.seconds,
+            "processes": 1 if parallel is None else parallel.world_size,
             "temperature": config.temperature,
             "alpha": config.alpha,
             "data": "calibration" if config.synthetic is None else "teacher samples",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from compress.distill.config import DistillConfig
 from compress.distill.losses import distillation_loss, hidden_loss, kd_loss, next_token_loss
+from compress.distill.parallel import DataParallel
 from compress.fileio import staging_dir
 from compress.models import decoder_layers_prefix
 
@@ -153,7 +154,9 @@ class _Setup:
     sequences: torch.Tensor  # (N, T) token ids
     config: DistillConfig
     projections: nn.ModuleDict
-    device: torch.device
+    device: torch.device  # the student's
+    teacher_device: torch.device  # where the teacher's inputs go (its execution device)
+    parallel: DataParallel | None = None
     student_taps: _LayerOutputs | None = None
     teacher_taps: _LayerOutputs | None = None
 
@@ -168,7 +171,7 @@ class _Setup:
             student_out = self.student_taps.outputs[s_index]
             if str(s_index) in self.projections:
                 student_out = self.projections[str(s_index)](student_out)
-            teacher_out = self.teacher_taps.outputs[t_index].detach()
+            teacher_out = self.teacher_taps.outputs[t_index].detach().to(self.device)
             terms.append(hidden_loss(student_out, teacher_out, hidden.loss))
         return torch.stack(terms).mean()
 
@@ -178,9 +181,13 @@ class _Setup:
         sums: dict[str, float] = {}
         for micro in range(config.grad_accumulation):
             rows = batch_rows(step, micro, config, self.sequences.shape[0])
+            if self.parallel is not None:
+                rows = self.parallel.shard(rows)  # (B / world_size) rows on this rank
             batch = self.sequences[rows].to(self.device)  # (B, T)
-            with torch.no_grad(), _autocast(config, self.device):
-                teacher_logits = self.teacher(input_ids=batch, use_cache=False).logits
+            with torch.no_grad(), _autocast(config, self.teacher_device):
+                teacher_batch = batch.to(self.teacher_device)
+                teacher_logits = self.teacher(input_ids=teacher_batch, use_cache=False).logits
+                teacher_logits = teacher_logits.to(self.device)
             with _autocast(config, self.device):
                 student_logits = self.student(input_ids=batch, use_cache=False).logits
             kd = kd_loss(student_logits, teacher_logits, config.temperature)
@@ -197,7 +204,12 @@ class _Setup:
 
 
 def _setup(
-    student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config: DistillConfig
+    student: nn.Module,
+    teacher: nn.Module,
+    sequences: torch.Tensor,
+    config: DistillConfig,
+    teacher_device: torch.device | None,
+    parallel: DataParallel | None,
 ) -> _Setup:
     device = next(student.parameters()).device
     setup = _Setup(
@@ -207,6 +219,8 @@ def _setup(
         config,
         _projections(student, teacher, config).to(device),
         device,
+        device if teacher_device is None else teacher_device,
+        parallel,
     )
     if config.hidden is not None:
         setup.student_taps = _LayerOutputs(student, config.hidden.layers)
@@ -223,12 +237,19 @@ def train(
     config: DistillConfig,
     *,
     checkpoint_dir: Path | None = None,
+    teacher_device: torch.device | None = None,
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
-    """Distill `teacher` into `student` (in place) on `sequences` (N, T) of token ids."""
+    """Distill `teacher` into `student` (in place) on `sequences` (N, T) of token ids.
+
+    `teacher_device`: where the teacher's inputs go (default: the student's device).
+    `parallel`: this process's share of a data-parallel run; only rank 0 writes checkpoints,
+    every rank reads them on resume."""
     seq_len = sequences.shape[1]
     total = config.total_steps(seq_len)
     torch.manual_seed(config.seed)
-    setup = _setup(student, teacher, sequences, config)
+    setup = _setup(student, teacher, sequences, config, teacher_device, parallel)
+    writes_checkpoints = checkpoint_dir is not None and (parallel is None or parallel.is_main)
     params = [
         p for p in [*student.parameters(), *setup.projections.parameters()] if p.requires_grad
     ]
@@ -250,11 +271,19 @@ def train(
     tokens_per_step = config.batch_size * config.grad_accumulation * seq_len
     started = time.perf_counter()
     progress = tqdm(
-        range(start_step, total), desc="distill", unit="step", initial=start_step, total=total
+        range(start_step, total),
+        desc="distill",
+        unit="step",
+        initial=start_step,
+        total=total,
+        disable=parallel is not None and not parallel.is_main,
     )
     try:
         for step in progress:
             parts = setup.accumulate_gradients(step)
+            if parallel is not None:
+                parallel.average_gradients(params)
+                parts = parallel.average_floats(parts)
             if config.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 parts["grad_norm"] = float(norm)
@@ -267,7 +296,8 @@ def train(
             rate = (step + 1 - start_step) * tokens_per_step / max(elapsed, 1e-9)
             progress.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{rate:.0f}")
             done = step + 1
-            if checkpoint_dir is not None and done % config.checkpoint_every == 0 and done < total:
+            if writes_checkpoints and done % config.checkpoint_every == 0 and done < total:
+                assert checkpoint_dir is not None
                 state = {"step": done, "curve": curve}
                 _save_checkpoint(checkpoint_dir, student, setup.projections, optimizer, state)
     finally:

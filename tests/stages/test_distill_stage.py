@@ -13,7 +13,8 @@ import compress.stages  # noqa: F401  (registers the stages)
 from compress.distill import trainer
 from compress.distill.config import DistillConfig
 from compress.distill.losses import kd_loss
-from compress.errors import PreflightError
+from compress.distill.parallel import DataParallel
+from compress.errors import BadInputError, PreflightError
 from compress.prune.config import PruneConfig
 from compress.quant.config import QuantizeConfig
 from compress.quant.linear import QuantLinear
@@ -161,3 +162,38 @@ def test_synthetic_data_is_sampled_from_the_teacher_seeded_and_cached(tmp_path, 
     kept = stage.training_sequences(config, context, teacher)
     monkeypatch.setattr(stage, "synthetic_sequences", lambda *a: pytest.fail("sampled again"))
     assert torch.equal(stage.training_sequences(config, context, teacher), kept)
+
+
+def test_an_offloaded_teacher_teaches_what_a_resident_one_does():
+    teacher, student = _pruned_pair()
+    offloaded_student = copy.deepcopy(student)
+    _distill(student, teacher)
+    _distill(offloaded_student, copy.deepcopy(teacher), teacher_device="offload")
+    for (name, a), (_, b) in zip(
+        student.state_dict().items(), offloaded_student.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+@pytest.mark.parametrize("setting", ["device", "teacher_device"])
+def test_a_cuda_device_without_cuda_is_refused_naming_the_setting(setting):
+    _teacher, student = _pruned_pair()
+    cfg = DistillConfig(steps=1, **{setting: "cuda:0"})
+    with pytest.raises(BadInputError, match=f"^{setting}: 'cuda:0'"):
+        handler_for(cfg).preflight(student, cfg)
+
+
+def test_each_rank_trains_an_equal_disjoint_share_of_every_micro_batch():
+    rows = list(range(10, 22))
+    shares = [DataParallel(rank, 3, torch.device("cpu")).shard(rows) for rank in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 4]
+    assert sorted(row for share in shares for row in share) == rows
+
+
+def test_a_batch_size_that_the_processes_cannot_split_is_refused(monkeypatch):
+    _teacher, student = _pruned_pair()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = DistillConfig(steps=1, batch_size=6)
+    with pytest.raises(PreflightError, match="batch_size 6: launched on 4 processes"):
+        handler_for(cfg).preflight(student, cfg)
