@@ -8,8 +8,10 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from compress.errors import EXIT_INTERNAL, EXIT_OK, CompressError
+from compress.errors import EXIT_INTERNAL, EXIT_OK, VERDICT_EXIT, BadInputError, CompressError
+from compress.fileio import atomic_write_text
 
 log = logging.getLogger("compress")
 
@@ -63,11 +65,104 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _gate_config_and_eval(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(gate dict, EvalConfig) from --recipe and/or --budget/--limit/--num-fewshot."""
+    from compress.evaluate.release import parse_budgets
+    from compress.recipe import EvalConfig, TaskConfig, load_recipe
+
+    overrides_budgets = parse_budgets(args.budget)
+    if args.recipe is not None:
+        recipe = load_recipe(args.recipe)
+        gate = recipe.gate.model_dump(mode="json")
+        eval_cfg = recipe.eval
+        if args.limit is not None:
+            tasks = [t.model_copy(update={"limit": args.limit}) for t in eval_cfg.tasks]
+            eval_cfg = eval_cfg.model_copy(update={"tasks": tasks})
+        return gate, eval_cfg
+    if not overrides_budgets:
+        raise BadInputError("give --recipe R or at least one --budget TASK=DROP")
+    tasks = [
+        TaskConfig(name=name, limit=args.limit, num_fewshot=args.num_fewshot)
+        for name in overrides_budgets
+    ]
+    return None, EvalConfig(tasks=tasks)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from compress.evaluate import release
+
+    overrides = release.Overrides(
+        release.parse_budgets(args.budget), rule=args.rule, confidence=args.confidence
+    )
+    if args.replay is not None:
+        if args.artifact is not None or args.baseline is not None:
+            raise BadInputError("--replay re-decides a stored report: give no ARTIFACT/--baseline")
+        report = release.read_report(Path(args.replay))
+        name = report.get("recipe") or Path(args.replay).parent.name
+        if args.plan:
+            baseline, artifact, _ = release.stored_results(report)
+            gate = overrides.apply(report.get("gate_config"))
+            return _write_plan(release.plan(baseline, artifact, gate), gate, args)
+        decision = release.replay(report, overrides)
+        report = {**report, "verdict": decision.verdict, "gate": decision.to_dict()}
+        return _write_verdict(report, decision, name, args)
+    if args.artifact is None or args.baseline is None:
+        raise BadInputError("give ARTIFACT and --baseline MODEL (or --replay REPORT)")
+    gate_dict, eval_cfg = _gate_config_and_eval(args)
+    gate = overrides.apply(gate_dict)
+    report = release.evaluate_against_baseline(
+        Path(args.artifact),
+        args.baseline,
+        eval_cfg,
+        gate,
+        trust_remote_code=args.trust_remote_code,
+        pilot_limit=args.pilot if args.plan else None,
+    )
+    if args.plan:
+        return _write_plan(report["plan"], gate, args)
+    decision = release.replay(report, release.Overrides({}))
+    return _write_verdict(report, decision, Path(args.artifact).name, args)
+
+
+def _write_plan(rows: list[dict[str, Any]], gate: Any, args: argparse.Namespace) -> int:
+    from compress.evaluate.release import plan_markdown
+
+    payload = json.dumps({"plan": rows}, indent=2) + "\n"
+    if args.json is not None:
+        atomic_write_text(Path(args.json), payload)
+    else:
+        sys.stdout.write(payload)
+    if args.markdown is not None:
+        atomic_write_text(Path(args.markdown), plan_markdown(rows, gate))
+    log.info("\n%s", plan_markdown(rows, gate))
+    return EXIT_OK
+
+
+def _write_verdict(
+    report: dict[str, Any], decision: Any, name: str, args: argparse.Namespace
+) -> int:
+    from compress.evaluate.release import junit_xml, markdown_summary
+
+    payload = json.dumps(report, indent=2) + "\n"
+    if args.json is not None:
+        atomic_write_text(Path(args.json), payload)
+    else:
+        sys.stdout.write(json.dumps({"verdict": decision.verdict, "gate": report["gate"]}) + "\n")
+    if args.junit is not None:
+        atomic_write_text(Path(args.junit), junit_xml(decision, name))
+    summary = markdown_summary(decision, name)
+    if args.markdown is not None:
+        atomic_write_text(Path(args.markdown), summary)
+    log.info("\n%s", summary)
+    return VERDICT_EXIT[decision.verdict]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
         description="Compress a language model and prove the artifact is still good enough.",
-        epilog="exit codes: 0 shipped/ok, 1 internal failure, 2 bad input, 3 rejected by the gate",
+        epilog="exit codes: 0 shipped/ok, 1 internal failure, 2 bad input, 3 rejected by the "
+        "gate, 4 inconclusive (not shipped: more items needed)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted run of this recipe"
     )
     run.set_defaults(handler=_cmd_run)
+
+    gate = sub.add_parser(
+        "gate",
+        help="judge an artifact against its baseline (or re-decide a stored report)",
+        description="Release gate with paired statistics. Exit codes: 0 ship, 3 reject, "
+        "4 inconclusive (needs more items; not shipped), 2 bad input.",
+    )
+    gate.add_argument("artifact", nargs="?", help="artifact directory")
+    gate.add_argument("--baseline", help="the uncompressed model (any model source)")
+    gate.add_argument("--recipe", help="take eval settings and budgets from this recipe")
+    gate.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="TASK=DROP",
+        help="largest allowed drop as a fraction (repeatable; overrides the recipe's)",
+    )
+    gate.add_argument("--rule", choices=["non_inferiority", "point"], help="rule for every budget")
+    gate.add_argument("--confidence", type=float, help="one-sided confidence (default 0.95)")
+    gate.add_argument("--limit", type=int, help="items per (sub)task (default: all)")
+    gate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    gate.add_argument("--replay", metavar="REPORT", help="re-decide a report.json, no model run")
+    gate.add_argument(
+        "--plan", action="store_true", help="estimate the items each budget needs, from a pilot"
+    )
+    gate.add_argument(
+        "--pilot", type=int, default=20, help="--plan: artifact items per (sub)task to score"
+    )
+    gate.add_argument("--json", metavar="FILE", help="write the full JSON report here")
+    gate.add_argument("--junit", metavar="FILE", help="write a JUnit XML file")
+    gate.add_argument("--markdown", metavar="FILE", help="write a markdown summary")
+    gate.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the baseline's own model code"
+    )
+    gate.set_defaults(handler=_cmd_gate)
 
     inspect = sub.add_parser("inspect", help="print what an artifact holds (JSON)")
     inspect.add_argument("path")

@@ -15,6 +15,8 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_REJECTED = 3
+EXIT_INCONCLUSIVE = 4  # the gate could not decide with the items it had: not shipped
+VERDICT_EXIT = {"ship": EXIT_OK, "reject": EXIT_REJECTED, "inconclusive": EXIT_INCONCLUSIVE}
 
 
 class CompressError(Exception):

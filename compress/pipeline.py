@@ -42,7 +42,7 @@ from compress.calibration import (
 )
 from compress.distill.parallel import STOP, DataParallel
 from compress.distill.stage import serve_job
-from compress.errors import EXIT_OK, EXIT_REJECTED, BadInputError
+from compress.errors import VERDICT_EXIT, BadInputError
 from compress.evaluate import lm_eval_runner
 from compress.evaluate.gate import decide
 from compress.evaluate.lm_eval_runner import TaskResult
@@ -56,6 +56,7 @@ from compress.quant.linear import QuantLinear
 from compress.recipe import (
     EvalConfig,
     ModelConfig,
+    QualityConfig,
     Recipe,
     TaskConfig,
     dump_recipe,
@@ -126,7 +127,8 @@ class Layout:
         return self.root / "cache" / "baseline" / f"{key}.json"
 
     def final(self, verdict: str) -> Path:
-        return self.root / ("release" if verdict == "ship" else "rejected") / self.name
+        folder = {"ship": "release", "reject": "rejected", "inconclusive": "inconclusive"}
+        return self.root / folder[verdict] / self.name
 
 
 # --------------------------------------------------------------------------- checks before work
@@ -305,7 +307,7 @@ def run(
     timings["load + preflight"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    quality_baseline = capture_quality_baseline(model, tokenizer, recipe)
+    quality_baseline = capture_quality_baseline(model, tokenizer, recipe.eval.quality)
     baseline_paths = {
         task.name: layout.baseline_cache(
             task_cache_key(source_sha, recipe.dtype, recipe.eval, task)
@@ -380,20 +382,22 @@ def run(
         },
         source={"display": resolved.display, "sha256": source_sha},
         quality=None if quality is None else quality.to_dict(),
+        gate_config=recipe.gate.model_dump(mode="json"),
     )
     report["plots"] = write_loss_curves(state.stages, layout.artifact)
     atomic_write_json(layout.artifact / "report.json", report)
     atomic_write_text(layout.artifact / "report.md", render_markdown(report))
 
     final = layout.final(decision.verdict)
-    other = layout.final("reject" if decision.verdict == "ship" else "ship")
     replace_dir(layout.artifact, final)
-    shutil.rmtree(other, ignore_errors=True)  # a stale verdict from an earlier run would mislead
+    for verdict in VERDICT_EXIT:  # a stale verdict from an earlier run would mislead
+        if verdict != decision.verdict:
+            shutil.rmtree(layout.final(verdict), ignore_errors=True)
     shutil.rmtree(layout.work, ignore_errors=True)
     log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
     return RunOutcome(
         verdict=decision.verdict,
-        exit_code=EXIT_OK if decision.verdict == "ship" else EXIT_REJECTED,
+        exit_code=VERDICT_EXIT[decision.verdict],
         artifact_dir=final,
         report=report,
     )
@@ -431,10 +435,9 @@ def teacher_loader(recipe: Recipe, source: ResolvedSource) -> Callable[[str | No
 
 
 def capture_quality_baseline(
-    model: nn.Module, tokenizer: Any, recipe: Recipe
+    model: nn.Module, tokenizer: Any, config: QualityConfig | None
 ) -> BaselineLogProbs | None:
     """The baseline's side of perplexity / KL, taken before any stage changes the model."""
-    config = recipe.eval.quality
     if config is None:
         return None
     text = load_text(config.path, field=QUALITY_FIELD)

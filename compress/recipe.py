@@ -98,10 +98,19 @@ class EvalConfig(_Strict):
         return self
 
 
+Rule = Literal["non_inferiority", "point"]
+RULE_HELP = (
+    "non_inferiority: ship only when the one-sided upper confidence bound of the drop is "
+    "within the budget, reject when confident it exceeds it, else inconclusive; point: the "
+    "estimate alone decides (ship or reject, never inconclusive). null = gate.rule"
+)
+
+
 class Budget(_Strict):
     max_drop: float = Field(
         ..., ge=0, description="largest allowed absolute drop of the metric (0.05 = 5 points)"
     )
+    rule: Rule | None = Field(None, description=RULE_HELP)
 
 
 class QualityBudget(_Strict):
@@ -116,10 +125,12 @@ class QualityBudget(_Strict):
     min_top1_agreement: float | None = Field(
         None, gt=0, le=1, description="smallest allowed share of positions with the same top-1"
     )
+    rule: Rule | None = Field(None, description=RULE_HELP + " (intervals over windows)")
 
     @model_validator(mode="after")
     def _at_least_one(self) -> QualityBudget:
-        if all(value is None for value in self.model_dump().values()):
+        limits = ("max_kl_divergence", "max_perplexity_increase", "min_top1_agreement")
+        if all(getattr(self, name) is None for name in limits):
             raise ValueError(
                 "set at least one of max_kl_divergence, max_perplexity_increase, "
                 "min_top1_agreement (or leave gate.quality out)"
@@ -127,10 +138,30 @@ class QualityBudget(_Strict):
         return self
 
 
+class SequentialConfig(_Strict):
+    """Score the artifact in batches and stop as soon as the verdict is decided."""
+
+    looks: int = Field(4, ge=2, le=20, description="batches (looks at the data), the last = all")
+    first: int = Field(
+        200, ge=2, description="paired items of each task at the first look (then even steps)"
+    )
+    seed: int = Field(0, description="which items come first (a seeded shuffle)")
+
+
 class GateConfig(_Strict):
+    rule: Rule = Field("non_inferiority", description="default rule of every budget")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="one-sided confidence of every decision (1 − alpha)"
+    )
+    power: float = Field(
+        0.8, gt=0.5, lt=1, description="planning: chance that the planned items decide"
+    )
     budgets: dict[str, Budget] = Field(default_factory=dict, description="task name → budget")
     quality: QualityBudget | None = Field(
         None, description="budgets on perplexity / KL / top-1 agreement (needs eval.quality)"
+    )
+    sequential: SequentialConfig | None = Field(
+        None, description="group-sequential evaluation of the artifact (non_inferiority only)"
     )
 
     @model_validator(mode="after")
@@ -138,6 +169,13 @@ class GateConfig(_Strict):
         if not self.budgets and self.quality is None:
             raise ValueError("no budget: set gate.budgets (per task) and/or gate.quality")
         return self
+
+    @property
+    def alpha(self) -> float:
+        return 1 - self.confidence
+
+    def rule_of(self, budget: Budget | QualityBudget) -> Rule:
+        return budget.rule or self.rule
 
 
 class OutputConfig(_Strict):

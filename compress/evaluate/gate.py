@@ -1,38 +1,304 @@
-"""The release gate: per-task budgets on the paired baseline-vs-artifact comparison.
+"""The release gate: does the artifact stay within its budgets, and how sure are we?
 
-The verdict rule here is the budget on the point estimate of the drop (`max_drop`); every
-decision also carries the paired 95% confidence interval of the drop, computed on the items
-both models answered, so a reader sees how much of the drop is noise.
+Each gated quantity is a *check*: an estimate on a scale where larger is worse (the paired
+accuracy drop, the KL divergence, the log perplexity ratio, the top-1 disagreement) against
+its budget on that scale. Per check, the rule is
 
-Optional quality budgets (`gate.quality`) limit the held-out-text signals: KL divergence to
-the baseline, relative perplexity increase, top-1 agreement. They move long before benchmark
-accuracy does, so they catch a damaged artifact that a few hundred items cannot.
+- `non_inferiority` (default): ship when the one-sided upper confidence bound is within the
+  budget; reject when the lower bound is above it (Holm-adjusted across the gated checks);
+  otherwise inconclusive, with the number of items that would likely decide it;
+- `point`: the estimate alone decides, ship or reject.
+
+The verdict: reject if any check rejects; ship if every check ships; otherwise inconclusive
+(not shipped). The statistics are in `compress.evaluate.stats`; this module only applies them,
+so a stored report re-decides identically (`compress gate --replay`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from compress.errors import BadInputError
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.evaluate.quality import QualityResult
-from compress.recipe import GateConfig, QualityBudget
+from compress.evaluate.stats import (
+    PairedEstimate,
+    holm,
+    items_needed,
+    paired_estimate,
+    weighted_estimate,
+)
+from compress.recipe import GateConfig, Rule
 
-Z_95 = 1.959963984540054
+Outcome = Literal["ship", "reject", "inconclusive"]
 
 
 @dataclass(frozen=True)
-class PairedDrop:
-    """Baseline minus artifact on the same items (positive = the artifact is worse)."""
+class Check:
+    """One gated (or only reported) quantity, larger = worse, against its budget."""
 
-    n: int
-    drop: float
-    ci_low: float
-    ci_high: float
-    baseline_only: int  # items only the baseline got right (discordant pairs drive the CI)
-    artifact_only: int
+    name: str
+    estimate: PairedEstimate
+    budget: float | None  # None: reported, not gated
+    rule: Rule
+
+    @property
+    def gated_by_confidence(self) -> bool:
+        return self.budget is not None and self.rule == "non_inferiority"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What the gate concluded about one check (numbers on the check's own scale)."""
+
+    outcome: Outcome | Literal["reported"]
+    upper: float  # one-sided upper bound at the gate's confidence
+    lower: float
+    interval: tuple[float, float]  # two-sided, at the gate's confidence
+    p_within: float | None  # H0: at or over budget
+    p_exceeds: float | None  # H0: within budget (Holm-adjusted below)
+    p_exceeds_adjusted: float | None
+    needed: int | None  # items (windows) likely to decide an inconclusive check
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "outcome": self.outcome,
+            "upper": self.upper,
+            "lower": self.lower,
+            "interval": list(self.interval),
+            "p_within": self.p_within,
+            "p_exceeds": self.p_exceeds,
+            "p_exceeds_adjusted": self.p_exceeds_adjusted,
+            "needed": self.needed,
+        }
+
+
+def judge(checks: list[Check], gate: GateConfig) -> list[CheckResult]:
+    """Every check's outcome; Holm adjusts the reject side over the confidence-gated checks."""
+    alpha, confidence = gate.alpha, gate.confidence
+    ni = [c for c in checks if c.gated_by_confidence]
+    adjusted = dict(
+        zip(
+            (c.name for c in ni),
+            holm([c.estimate.p_exceeds(c.budget) for c in ni]),  # type: ignore[arg-type]
+            strict=True,
+        )
+    )
+    results = []
+    for check in checks:
+        est, budget = check.estimate, check.budget
+        p_within = p_exceeds = p_adjusted = None
+        needed = None
+        if budget is None:
+            outcome = "reported"
+        elif check.rule == "point":
+            outcome = "ship" if est.drop <= budget else "reject"
+        else:
+            p_within, p_exceeds = est.p_within(budget), est.p_exceeds(budget)
+            p_adjusted = adjusted[check.name]
+            if p_within <= alpha:
+                outcome = "ship"
+            elif p_adjusted <= alpha:
+                outcome = "reject"
+            else:
+                outcome = "inconclusive"
+                needed = items_needed(est.sd, budget - est.center, alpha, gate.power)
+        results.append(
+            CheckResult(
+                outcome=outcome,
+                upper=est.upper(confidence),
+                lower=est.lower(confidence),
+                interval=est.interval(confidence),
+                p_within=p_within,
+                p_exceeds=p_exceeds,
+                p_exceeds_adjusted=p_adjusted,
+                needed=needed,
+            )
+        )
+    return results
+
+
+def overall(outcomes: list[str]) -> Outcome:
+    gated = [o for o in outcomes if o != "reported"]
+    if "reject" in gated:
+        return "reject"
+    if all(o == "ship" for o in gated):
+        return "ship"
+    return "inconclusive"
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def paired_items(
+    task: str, baseline: dict[str, float], artifact: dict[str, float]
+) -> tuple[list[float], list[float]]:
+    """The two models' scores on the same item ids, in sorted id order."""
+    if set(baseline) != set(artifact):
+        only_base = sorted(set(baseline) - set(artifact))[:3]
+        only_art = sorted(set(artifact) - set(baseline))[:3]
+        raise BadInputError(
+            f"{task}: baseline and artifact were scored on different items (baseline only: "
+            f"{only_base}, artifact only: {only_art}); rerun both with the same limits and seed"
+        )
+    if len(baseline) < 2:
+        raise BadInputError(f"{task}: {len(baseline)} scored item(s); the gate needs at least 2")
+    ids = sorted(baseline)
+    return [baseline[i] for i in ids], [artifact[i] for i in ids]
+
+
+# What must be equal in two runs for their items to be compared: the backend and its version,
+# the task versions and data, the prompt (few-shot count and seed), the item selection and the
+# generation cap. dtype and device may differ: they are the models' own.
+COMPARED_RUN_INFO = (
+    "lm_eval_version",
+    "task_versions",
+    "num_fewshot",
+    "seed",
+    "limit",
+    "max_gen_toks",
+    "batch_size",
+    "data_source",
+)
+
+
+def check_comparable(name: str, base: TaskResult, art: TaskResult) -> None:
+    """Refuse to compare runs made under different evaluation settings (naming them)."""
+    if base.metric != art.metric:
+        raise BadInputError(f"{name}: baseline metric {base.metric} != artifact {art.metric}")
+    differing = [
+        f"{key} {base.info.get(key)!r} vs {art.info.get(key)!r}"
+        for key in COMPARED_RUN_INFO
+        if base.info.get(key) != art.info.get(key)
+    ]
+    if differing:
+        raise BadInputError(
+            f"{name}: the baseline and the artifact were evaluated differently "
+            f"({'; '.join(differing)}); score both under the same settings"
+        )
+
+
+def gated_tasks(gate: GateConfig, scored: dict[str, TaskResult]) -> list[str]:
+    return [name for name in scored if name in gate.budgets]
+
+
+def task_check(name: str, base: TaskResult, art: TaskResult, gate: GateConfig) -> Check:
+    check_comparable(name, base, art)
+    budget = gate.budgets.get(name)
+    estimate = paired_estimate(*paired_items(name, base.items, art.items))
+    return Check(
+        name=name,
+        estimate=estimate,
+        budget=None if budget is None else budget.max_drop,
+        rule=gate.rule if budget is None else gate.rule_of(budget),
+    )
+
+
+# --------------------------------------------------------------------------- quality signals
+
+QualitySignal = Literal["kl_divergence", "perplexity_increase", "top1_agreement"]
+
+
+@dataclass(frozen=True)
+class QualityScale:
+    """How a signal maps to its check's larger-is-worse scale and back."""
+
+    signal: QualitySignal
+    kind: Literal["max", "min"]
+
+    def to_check(self, limit: float) -> float:
+        if self.signal == "perplexity_increase":
+            return math.log1p(limit)  # the check is on the mean log perplexity ratio
+        if self.signal == "top1_agreement":
+            return 1 - limit  # the check is on disagreement
+        return limit
+
+    def from_check(self, value: float) -> float:
+        if self.signal == "perplexity_increase":
+            return math.expm1(value)
+        if self.signal == "top1_agreement":
+            return 1 - value
+        return value
+
+
+def quality_estimate(signal: QualitySignal, quality: QualityResult) -> PairedEstimate:
+    """Token-weighted over windows, on the check's scale."""
+    windows = quality.per_window
+    tokens = windows["tokens"]
+    if signal == "kl_divergence":
+        values = windows["kl"]
+    elif signal == "perplexity_increase":
+        values = [a - b for a, b in zip(windows["nll"], windows["baseline_nll"], strict=True)]
+    else:
+        values = [1 - a for a in windows["agreement"]]
+    if len(values) < 2:
+        raise BadInputError(
+            f"gate.quality: {len(values)} window(s) of held-out text; intervals need at least "
+            "2 (raise eval.quality.max_windows or give a longer text)"
+        )
+    return weighted_estimate(values, tokens)
+
+
+@dataclass(frozen=True)
+class QualityVerdict:
+    """One held-out-text signal against its limit, in the signal's own units."""
+
+    signal: QualitySignal
+    value: float
+    limit: float
+    kind: Literal["max", "min"]
+    rule: Rule
+    interval: tuple[float, float]
+    bound: float  # the conservative one-sided bound (upper for max, lower for min)
+    result: CheckResult
+
+    @property
+    def passed(self) -> bool:
+        return self.result.outcome == "ship"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal,
+            "value": self.value,
+            "limit": self.limit,
+            "kind": self.kind,
+            "rule": self.rule,
+            "interval": list(self.interval),
+            "bound": self.bound,
+            "passed": self.passed,
+            **self.result.to_dict(),
+        }
+
+
+def quality_checks(gate: GateConfig, quality: QualityResult) -> list[tuple[QualityScale, Check]]:
+    budget = gate.quality
+    assert budget is not None
+    limits: list[tuple[QualitySignal, Literal["max", "min"], float | None]] = [
+        ("kl_divergence", "max", budget.max_kl_divergence),
+        ("perplexity_increase", "max", budget.max_perplexity_increase),
+        ("top1_agreement", "min", budget.min_top1_agreement),
+    ]
+    checks = []
+    for signal, kind, limit in limits:
+        if limit is None:
+            continue
+        scale = QualityScale(signal, kind)
+        estimate = quality_estimate(signal, quality)
+        checks.append((scale, Check(signal, estimate, scale.to_check(limit), gate.rule_of(budget))))
+    return checks
+
+
+def quality_value(signal: QualitySignal, quality: QualityResult) -> float:
+    if signal == "kl_divergence":
+        return quality.kl_divergence
+    if signal == "perplexity_increase":
+        return quality.perplexity / quality.baseline_perplexity - 1
+    return quality.top1_agreement
+
+
+# --------------------------------------------------------------------------- the decision
 
 
 @dataclass(frozen=True)
@@ -42,88 +308,55 @@ class TaskVerdict:
     baseline: float
     artifact: float
     max_drop: float | None  # None: reported, not gated
-    paired: PairedDrop
-    passed: bool
+    rule: Rule
+    estimate: PairedEstimate
+    result: CheckResult
 
     @property
     def drop(self) -> float:
         return self.baseline - self.artifact
 
-
-@dataclass(frozen=True)
-class QualityVerdict:
-    """One held-out-text signal against its limit (`kind` says which side is bad)."""
-
-    signal: Literal["kl_divergence", "perplexity_increase", "top1_agreement"]
-    value: float
-    limit: float
-    kind: Literal["max", "min"]
-
     @property
     def passed(self) -> bool:
-        return self.value <= self.limit if self.kind == "max" else self.value >= self.limit
+        return self.result.outcome in ("ship", "reported")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "artifact": self.artifact,
+            "drop": self.drop,
+            "max_drop": self.max_drop,
+            "rule": self.rule,
+            "passed": self.passed,
+            "estimate": self.estimate.to_dict(),
+            **self.result.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    verdict: Literal["ship", "reject"]
+    verdict: Outcome
+    confidence: float
     tasks: list[TaskVerdict]
     quality: list[QualityVerdict] = field(default_factory=list)
+    sequential: dict[str, Any] | None = None  # looks, items used, per look (when sequential)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        gated = sum(t.max_drop is not None for t in self.tasks) + len(self.quality)
         return {
             "verdict": self.verdict,
-            "rule": "point estimate of the drop within max_drop, every gated task"
-            + ("; every quality budget met" if self.quality else ""),
-            "tasks": [{**asdict(t), "drop": t.drop} for t in self.tasks],
-            "quality": [{**asdict(q), "passed": q.passed} for q in self.quality],
+            "confidence": self.confidence,
+            "rule": (
+                f"per check: non_inferiority (one-sided {self.confidence:.0%} bounds) or point; "
+                "ship when every gated check ships (intersection-union: no adjustment needed), "
+                f"reject when any check is confidently over budget (Holm over {gated} checks)"
+            ),
+            "tasks": [t.to_dict() for t in self.tasks],
+            "quality": [q.to_dict() for q in self.quality],
+            "sequential": self.sequential,
         }
-
-
-def quality_verdicts(budget: QualityBudget, quality: QualityResult) -> list[QualityVerdict]:
-    """The configured quality limits, each checked against the measurement."""
-    verdicts = []
-    if budget.max_kl_divergence is not None:
-        verdicts.append(
-            QualityVerdict("kl_divergence", quality.kl_divergence, budget.max_kl_divergence, "max")
-        )
-    if budget.max_perplexity_increase is not None:
-        increase = quality.perplexity / quality.baseline_perplexity - 1
-        verdicts.append(
-            QualityVerdict("perplexity_increase", increase, budget.max_perplexity_increase, "max")
-        )
-    if budget.min_top1_agreement is not None:
-        agreement = quality.top1_agreement
-        verdicts.append(
-            QualityVerdict("top1_agreement", agreement, budget.min_top1_agreement, "min")
-        )
-    return verdicts
-
-
-def paired_drop(baseline: dict[str, float], artifact: dict[str, float]) -> PairedDrop:
-    """Mean per-item difference with a normal-approximation 95% interval."""
-    if set(baseline) != set(artifact):
-        only_base = sorted(set(baseline) - set(artifact))[:3]
-        only_art = sorted(set(artifact) - set(baseline))[:3]
-        raise BadInputError(
-            f"baseline and artifact were scored on different items (baseline only: {only_base}, "
-            f"artifact only: {only_art}); rerun both with the same limits and seed"
-        )
-    if not baseline:
-        raise BadInputError("no scored items to compare")
-    diffs = [baseline[k] - artifact[k] for k in sorted(baseline)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = Z_95 * math.sqrt(var / n)
-    return PairedDrop(
-        n=n,
-        drop=mean,
-        ci_low=mean - half,
-        ci_high=mean + half,
-        baseline_only=sum(d > 0 for d in diffs),
-        artifact_only=sum(d < 0 for d in diffs),
-    )
 
 
 def decide(
@@ -131,29 +364,47 @@ def decide(
     artifact: dict[str, TaskResult],
     gate: GateConfig,
     quality: QualityResult | None = None,
+    sequential: dict[str, Any] | None = None,
 ) -> GateDecision:
-    """Ship only if every task with a budget, and every quality budget, stays within it."""
+    """Judge every task and quality budget together; see the module docstring."""
     if gate.quality is not None and quality is None:
         raise BadInputError("gate.quality is set but no quality measurement was made")
-    verdicts = []
-    for task, base in baseline.items():
-        art = artifact[task]
-        if base.metric != art.metric:
-            raise BadInputError(f"{task}: baseline metric {base.metric} != artifact {art.metric}")
-        budget = gate.budgets.get(task)
-        paired = paired_drop(base.items, art.items)
-        passed = budget is None or base.value - art.value <= budget.max_drop
-        verdicts.append(
-            TaskVerdict(
-                task=task,
-                metric=base.metric,
-                baseline=base.value,
-                artifact=art.value,
-                max_drop=None if budget is None else budget.max_drop,
-                paired=paired,
-                passed=passed,
+    missing = sorted(set(baseline) - set(artifact))
+    if missing:
+        raise BadInputError(f"the artifact was not scored on {missing}")
+    task_checks = [task_check(name, base, artifact[name], gate) for name, base in baseline.items()]
+    scaled = [] if gate.quality is None or quality is None else quality_checks(gate, quality)
+    results = judge(task_checks + [check for _, check in scaled], gate)
+    task_results, quality_results = results[: len(task_checks)], results[len(task_checks) :]
+    tasks = [
+        TaskVerdict(
+            task=check.name,
+            metric=baseline[check.name].metric,
+            baseline=baseline[check.name].value,
+            artifact=artifact[check.name].value,
+            max_drop=check.budget,
+            rule=check.rule,
+            estimate=check.estimate,
+            result=result,
+        )
+        for check, result in zip(task_checks, task_results, strict=True)
+    ]
+    qualities = []
+    for (scale, check), result in zip(scaled, quality_results, strict=True):
+        assert quality is not None and check.budget is not None
+        low, high = sorted(scale.from_check(x) for x in result.interval)
+        bound = scale.from_check(result.upper)
+        qualities.append(
+            QualityVerdict(
+                signal=scale.signal,
+                value=quality_value(scale.signal, quality),
+                limit=scale.from_check(check.budget),
+                kind=scale.kind,
+                rule=check.rule,
+                interval=(low, high),
+                bound=bound,
+                result=result,
             )
         )
-    checks = [] if gate.quality is None else quality_verdicts(gate.quality, quality)
-    passed = all(v.passed for v in verdicts) and all(q.passed for q in checks)
-    return GateDecision("ship" if passed else "reject", verdicts, checks)
+    verdict = overall([r.outcome for r in results])
+    return GateDecision(verdict, gate.confidence, tasks, qualities, sequential)

@@ -18,11 +18,13 @@ def build_report(
     evaluation: dict[str, Any],
     source: dict[str, Any],
     quality: dict[str, Any] | None = None,
+    gate_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "recipe": recipe_name,
         "verdict": decision.verdict,
         "gate": decision.to_dict(),
+        "gate_config": gate_config,  # what `compress gate --replay` decides with
         "source": source,
         "evaluation": evaluation,
         "quality": quality,
@@ -40,27 +42,66 @@ def _mb(n: int | float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def gate_lines(gate: dict[str, Any]) -> list[str]:
+    """The task and quality-budget tables of a gate decision (report.md, `compress gate`)."""
+    confidence = gate["confidence"]
+    two_sided = f"{confidence:.0%}"
+    lines = [
+        f"Gate: {gate['rule']}.",
+        "",
+        f"| task | metric | items | baseline | artifact | drop (pts) | {two_sided} CI (pts) "
+        "| upper bound (pts) | budget (pts) | rule | outcome |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in gate["tasks"]:
+        budget = "—" if t["max_drop"] is None else _pct(t["max_drop"])
+        low, high = t["interval"]
+        lines.append(
+            f"| {t['task']} | {t['metric']} | {t['estimate']['n']} | {_pct(t['baseline'])} "
+            f"| {_pct(t['artifact'])} | {_pct(t['drop'])} | [{_pct(low)}, {_pct(high)}] "
+            f"| {_pct(t['upper'])} | {budget} | {t['rule']} | {_outcome(t)} |"
+        )
+    if gate.get("quality"):
+        lines += [
+            "",
+            f"| quality budget | value | {two_sided} CI | conservative bound | limit | rule "
+            "| outcome |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for q in gate["quality"]:
+            side = "≤" if q["kind"] == "max" else "≥"
+            low, high = q["interval"]
+            lines.append(
+                f"| {q['signal']} | {q['value']:.4f} | [{low:.4f}, {high:.4f}] "
+                f"| {q['bound']:.4f} | {side} {q['limit']:.4f} | {q['rule']} | {_outcome(q)} |"
+            )
+    sequential = gate.get("sequential")
+    if sequential:
+        lines += [
+            "",
+            f"Sequential evaluation: stopped at look {sequential['look']} of "
+            f"{sequential['looks']}, {sequential['items_used']:,} of "
+            f"{sequential['items_planned']:,} artifact items scored.",
+        ]
+    return lines
+
+
+def _outcome(check: dict[str, Any]) -> str:
+    outcome = check["outcome"]
+    if outcome == "inconclusive":
+        needed = check.get("needed")
+        return "inconclusive" + ("" if needed is None else f" (~{needed:,} items would decide)")
+    return {"ship": "pass", "reject": "FAIL", "reported": "reported"}[outcome]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
-    gate = report["gate"]
     lines = [
         f"# {report['recipe']}: {report['verdict'].upper()}",
         "",
         f"Source: `{report['source']['display']}` (sha256 `{report['source']['sha256'][:16]}…`)",
-        f"Gate rule: {gate['rule']}.",
         "",
-        "| task | metric | items | baseline | artifact | drop (pts) | paired 95% CI (pts) "
-        "| budget (pts) | pass |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *gate_lines(report["gate"]),
     ]
-    for t in gate["tasks"]:
-        paired = t["paired"]
-        budget = "—" if t["max_drop"] is None else _pct(t["max_drop"])
-        lines.append(
-            f"| {t['task']} | {t['metric']} | {paired['n']} | {_pct(t['baseline'])} "
-            f"| {_pct(t['artifact'])} | {_pct(t['drop'])} "
-            f"| [{_pct(paired['ci_low'])}, {_pct(paired['ci_high'])}] | {budget} "
-            f"| {'yes' if t['passed'] else 'NO'} |"
-        )
     quality = report.get("quality")
     if quality:
         lines += [
@@ -75,14 +116,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {quality['baseline_perplexity']:.3f} | {quality['perplexity']:.3f} "
             f"| {quality['kl_divergence']:.4f} | {_pct(quality['top1_agreement'])}% |",
         ]
-    if gate.get("quality"):
-        lines += ["", "| quality budget | value | limit | pass |", "|---|---|---|---|"]
-        for q in gate["quality"]:
-            bound = "≤" if q["kind"] == "max" else "≥"
-            lines.append(
-                f"| {q['signal']} | {q['value']:.4f} | {bound} {q['limit']:.4f} "
-                f"| {'yes' if q['passed'] else 'NO'} |"
-            )
     sizes = report["sizes"]
     lines += [
         "",

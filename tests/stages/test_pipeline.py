@@ -18,7 +18,13 @@ from torch import nn
 from compress import pipeline
 from compress.artifact import load_artifact, verify_artifact
 from compress.cli import main
-from compress.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, BadInputError
+from compress.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INCONCLUSIVE,
+    EXIT_OK,
+    EXIT_REJECTED,
+    BadInputError,
+)
 from compress.evaluate import lm_eval_runner
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.quant.linear import QuantLinear
@@ -30,23 +36,24 @@ N_ITEMS = 20
 class ScriptedScorer:
     """Stands in for lm-eval: the baseline gets every item right, the artifact `artifact_right`."""
 
-    def __init__(self, artifact_right: int) -> None:
+    def __init__(self, artifact_right: int, n_items: int = N_ITEMS) -> None:
         self.artifact_right = artifact_right
+        self.n_items = n_items
         self.calls: list[tuple[str, tuple[str, ...]]] = []
 
     def __call__(self, model: nn.Module, tokenizer, eval_cfg, *, data_dir):
         quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         label = "artifact" if quantized else "baseline"
         self.calls.append((label, tuple(t.name for t in eval_cfg.tasks)))
-        right = self.artifact_right if quantized else N_ITEMS
+        right = self.artifact_right if quantized else self.n_items
         results = {}
         for task in eval_cfg.tasks:
-            items = {f"{task.name}/{i}": float(i < right) for i in range(N_ITEMS)}
+            items = {f"{task.name}/{i}": float(i < right) for i in range(self.n_items)}
             results[task.name] = TaskResult(
                 task=task.name,
                 metric="acc",
-                value=sum(items.values()) / N_ITEMS,
-                num_items=N_ITEMS,
+                value=sum(items.values()) / self.n_items,
+                num_items=self.n_items,
                 items=items,
                 info={"scripted": True},
             )
@@ -55,8 +62,8 @@ class ScriptedScorer:
 
 @pytest.fixture
 def scorer(monkeypatch):
-    def install(artifact_right: int) -> ScriptedScorer:
-        scripted = ScriptedScorer(artifact_right)
+    def install(artifact_right: int, n_items: int = N_ITEMS) -> ScriptedScorer:
+        scripted = ScriptedScorer(artifact_right, n_items)
         monkeypatch.setattr(lm_eval_runner, "evaluate_tasks", scripted)
         return scripted
 
@@ -81,7 +88,11 @@ def write_recipe(tmp_path: Path, source: Path, **overrides) -> Path:
             },
         ],
         "eval": {"tasks": [{"name": "mmlu", "limit": 1}, {"name": "gsm8k", "limit": 2}]},
-        "gate": {"budgets": {"mmlu": {"max_drop": 0.10}, "gsm8k": {"max_drop": 0.10}}},
+        # 20 scripted items decide nothing with confidence: these tests exercise the flow.
+        "gate": {
+            "rule": "point",
+            "budgets": {"mmlu": {"max_drop": 0.10}, "gsm8k": {"max_drop": 0.10}},
+        },
         "output": {"dir": str(tmp_path / "runs")},
     }
     recipe.update(overrides)
@@ -124,7 +135,9 @@ def test_ship(tmp_path, tiny_llama_dir, scorer):
     assert report["verdict"] == "ship"
     mmlu = next(t for t in report["gate"]["tasks"] if t["task"] == "mmlu")
     assert mmlu["drop"] == pytest.approx(0.05)
-    assert mmlu["paired"]["baseline_only"] == 1
+    assert mmlu["estimate"]["baseline_only"] == 1 and mmlu["outcome"] == "ship"
+    low, high = mmlu["interval"]
+    assert low < mmlu["drop"] < high
     assert [s["type"] for s in report["stages"]] == ["quantize", "quantize"]
     assert report["sizes"]["quantized_layers_ratio"] < 0.5
     quality = report["quality"]
@@ -148,6 +161,7 @@ def test_quality_budget_rejects_what_the_task_budgets_pass(tmp_path, tiny_llama_
             "quality": {"path": str(held_out), "seq_len": 64, "max_windows": 2},
         },
         gate={
+            "rule": "point",
             "budgets": {"mmlu": {"max_drop": 0.10}},
             # INT4 on a random model cannot keep KL this low; perplexity is allowed anything.
             "quality": {"max_kl_divergence": 1e-6, "max_perplexity_increase": 100.0},
@@ -174,6 +188,30 @@ def test_reject_exits_3_and_releases_nothing(tmp_path, tiny_llama_dir, scorer):
     report = json.loads((runs / "rejected" / "tiny-mixed" / "report.json").read_text())
     assert report["verdict"] == "reject"
     assert all(not t["passed"] for t in report["gate"]["tasks"])
+
+
+def test_non_inferiority_ships_only_when_confident(tmp_path, tiny_llama_dir, scorer):
+    gate = {"budgets": {"mmlu": {"max_drop": 0.05}}}  # rule: the default, non_inferiority
+    eval_cfg = {"tasks": [{"name": "mmlu", "limit": 1}]}
+    scorer(artifact_right=N_ITEMS)  # no drop, but 20 items cannot bound it under 5 points
+    assert main(["run", str(write_recipe(tmp_path, tiny_llama_dir, gate=gate, eval=eval_cfg))]) == (
+        EXIT_INCONCLUSIVE
+    )
+    runs = tmp_path / "runs"
+    report = json.loads((runs / "inconclusive" / "tiny-mixed" / "report.json").read_text())
+    (mmlu,) = report["gate"]["tasks"]
+    assert report["verdict"] == "inconclusive" and mmlu["outcome"] == "inconclusive"
+    assert mmlu["needed"] > N_ITEMS  # how many items would likely decide it
+    assert "inconclusive (~" in (runs / "inconclusive" / "tiny-mixed" / "report.md").read_text()
+    assert not (runs / "release").exists()
+
+    scorer(artifact_right=2000, n_items=2000)  # the same artifact, scored on 2,000 items
+    more = {"tasks": [{"name": "mmlu", "limit": 2}]}  # a new limit: a new baseline cache key
+    outcome = pipeline.run(write_recipe(tmp_path, tiny_llama_dir, gate=gate, eval=more))
+    assert outcome.verdict == "ship" and outcome.exit_code == EXIT_OK
+    assert not (runs / "inconclusive" / "tiny-mixed").exists()  # the stale verdict is gone
+    (mmlu,) = outcome.report["gate"]["tasks"]
+    assert mmlu["upper"] <= 0.05 and mmlu["p_within"] <= 0.05
 
 
 def test_baseline_scores_are_cached_across_runs(tmp_path, tiny_llama_dir, scorer):
