@@ -7,7 +7,8 @@ An artifact is a directory:
     generation_config.json, tokenizer files
     recipe.lock.yaml      the fully resolved recipe that made it
     manifest.json         source model + sha256, sha256 of every file above, versions, stages
-    report.json/.md       written by the pipeline after evaluation (outside the manifest)
+    report.json/.md/.html written by the pipeline after evaluation (outside the manifest)
+    README.md             the model card, written with the report
 
 It is written into a temporary directory that is renamed into place, so a crash never leaves
 half an artifact.
@@ -45,7 +46,9 @@ RECIPE_LOCK = "recipe.lock.yaml"
 FORMAT_VERSION = 1
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name for the layout in quant/packing.py
 # Files the pipeline adds after the manifest is sealed; verify() allows them.
-REPORT_FILES = frozenset({"report.json", "report.md"})
+REPORT_FILES = frozenset(
+    {"report.json", "report.md", "report.html", "README.md"}
+)  # README: model card
 REPORT_PREFIX = "report-"  # plots beside the report (compress/evaluate/plots.py)
 _VERSIONED_PACKAGES = ("compress", "torch", "transformers", "safetensors", "lm_eval", "pydantic")
 

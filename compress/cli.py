@@ -1,4 +1,5 @@
-"""`compress run | inspect | verify | export`: argument parsing and exit codes only."""
+"""`compress run | gate | report | inspect | verify | export`: argument parsing and exit codes
+only."""
 
 from __future__ import annotations
 
@@ -157,6 +158,19 @@ def _write_verdict(
     return VERDICT_EXIT[decision.verdict]
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from compress.evaluate.html import render_sweep_html
+    from compress.evaluate.release import read_report
+
+    reports = [read_report(Path(path)) for path in args.reports]
+    missing = [p for p, r in zip(args.reports, reports, strict=True) if "gate" not in r]
+    if missing:
+        raise BadInputError(f"not pipeline reports (no gate decision): {missing}")
+    atomic_write_text(Path(args.out), render_sweep_html(reports))
+    log.info("%d artifacts → %s", len(reports), args.out)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
@@ -208,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow the baseline's own model code"
     )
     gate.set_defaults(handler=_cmd_gate)
+
+    report = sub.add_parser(
+        "report", help="one HTML page comparing artifacts of a sweep: size vs accuracy"
+    )
+    report.add_argument("reports", nargs="+", help="report.json files of the artifacts")
+    report.add_argument("--out", required=True, help="HTML file to write")
+    report.set_defaults(handler=_cmd_report)
 
     inspect = sub.add_parser("inspect", help="print what an artifact holds (JSON)")
     inspect.add_argument("path")

@@ -148,6 +148,45 @@ def load_model(resolved: ResolvedSource, dtype: str) -> tuple[nn.Module, object]
     return model, tokenizer
 
 
+def source_license(resolved: ResolvedSource) -> str | None:
+    """The source model's licence as its files declare it (GGUF `general.license`, the
+    `license:` of a model directory's README front matter, the Hub's model card); None when
+    they do not say or the Hub cannot be reached."""
+    try:
+        if resolved.kind == "gguf":
+            from gguf import GGUFReader
+
+            field = GGUFReader(Path(resolved.location) / str(resolved.gguf_file)).fields.get(
+                "general.license"
+            )
+            return None if field is None else str(field.contents())
+        if resolved.kind == "dir":
+            readme = Path(resolved.location) / "README.md"
+            return (
+                _front_matter_license(readme.read_text(encoding="utf-8"))
+                if readme.is_file()
+                else None
+            )
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(resolved.location)
+        return getattr(card.data, "license", None)
+    except Exception as exc:  # a licence we cannot read is reported as unknown, not fatal
+        log.warning("could not read the source's licence: %s", exc)
+        return None
+
+
+def _front_matter_license(text: str) -> str | None:
+    import yaml
+
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1]
+    data = yaml.safe_load(front) or {}
+    value = data.get("license") if isinstance(data, dict) else None
+    return None if value is None else str(value)
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters in the model as it would be stored; tied tensors counted once."""
     seen: set[int] = set()

@@ -44,20 +44,35 @@ from compress.distill.parallel import STOP, DataParallel
 from compress.distill.stage import serve_job
 from compress.errors import VERDICT_EXIT, BadInputError
 from compress.evaluate import lm_eval_runner
-from compress.evaluate.gate import decide
+from compress.evaluate.gate import batch_of_look, decide, look_plan
+from compress.evaluate.html import render_report_html
 from compress.evaluate.lm_eval_runner import TaskResult
+from compress.evaluate.model_card import render_model_card
 from compress.evaluate.plots import write_loss_curves
-from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
+from compress.evaluate.quality import (
+    BaselineLogProbs,
+    QualityResult,
+    baseline_logprobs,
+    measure_quality,
+)
 from compress.evaluate.report import build_report, render_markdown
 from compress.fileio import atomic_write_json, atomic_write_text, replace_dir
-from compress.models import ResolvedSource, fingerprint, load_model, resolve_source
+from compress.models import (
+    ResolvedSource,
+    fingerprint,
+    load_model,
+    resolve_source,
+    source_license,
+)
 from compress.profiling import PeakMemory
 from compress.quant.linear import QuantLinear
 from compress.recipe import (
     EvalConfig,
+    GateConfig,
     ModelConfig,
     QualityConfig,
     Recipe,
+    SequentialConfig,
     TaskConfig,
     dump_recipe,
     load_recipe,
@@ -167,18 +182,57 @@ def preflight(model: nn.Module, recipe: Recipe) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def task_cache_key(source_sha: str, dtype: str, eval_cfg: EvalConfig, task: TaskConfig) -> str:
-    """Baseline scores depend on the model bytes, dtype, task settings, batch size and seed."""
+def task_cache_key(
+    source_sha: str,
+    dtype: str,
+    eval_cfg: EvalConfig,
+    task: TaskConfig,
+    sequential: SequentialConfig | None = None,
+) -> str:
+    """Baseline scores depend on the model bytes, dtype, task settings, batch size, seed and,
+    for a sequential gate, the batches the items are scored in (few-shot draws follow them)."""
     identity = {
+        "format": 2,  # 2: results carry prompt digests
         "source_sha256": source_sha,
         "dtype": dtype,
         "task": task.model_dump(mode="json"),
         "batch_size": eval_cfg.batch_size,
         "seed": eval_cfg.seed,
         "lm_eval": lm_eval_runner.lm_eval_version(),
+        "sequential": None if sequential is None else sequential.model_dump(mode="json"),
     }
     canonical = json.dumps(identity, sort_keys=True).encode()
     return f"{task.name}-{hashlib.sha256(canonical).hexdigest()[:24]}"
+
+
+Plans = dict[str, tuple[list[str], list[int]]]  # task → (items in scoring order, look sizes)
+
+
+def sequential_plans(eval_cfg: EvalConfig, data_dir: Path | None, gate: GateConfig) -> Plans:
+    """Each task's sequential plan (listing its items reads the datasets, runs no model)."""
+    if gate.sequential is None:
+        return {}
+    return {
+        t.name: look_plan(lm_eval_runner.task_item_ids(t, data_dir), gate.sequential)
+        for t in eval_cfg.tasks
+    }
+
+
+def score_look(
+    model: nn.Module,
+    tokenizer: Any,
+    eval_cfg: EvalConfig,
+    data_dir: Path | None,
+    plans: Plans,
+    task: TaskConfig,
+    look: int,
+) -> TaskResult:
+    """Score the items look `look` (0-based) of the task's plan adds."""
+    single = eval_cfg.model_copy(update={"tasks": [task]})
+    batch = batch_of_look(plans[task.name], look)
+    return lm_eval_runner.evaluate_tasks(
+        model, tokenizer, single, data_dir=data_dir, selections={task.name: batch}
+    )[task.name]
 
 
 def evaluate_cached(
@@ -188,8 +242,12 @@ def evaluate_cached(
     data_dir: Path | None,
     cache_path_of: dict[str, Path],
     label: str,
+    plans: Plans | None = None,
 ) -> tuple[dict[str, TaskResult], bool]:
-    """Score every task, reading and writing one JSON per task; returns (results, all cached)."""
+    """Score every task, reading and writing one JSON per task; returns (results, all cached).
+
+    With sequential `plans`, every look's batch is scored (in order), so the result pairs
+    with an artifact stopped at any look."""
     results: dict[str, TaskResult] = {}
     for task in eval_cfg.tasks:
         path = cache_path_of[task.name]
@@ -199,13 +257,64 @@ def evaluate_cached(
     todo = [t for t in eval_cfg.tasks if t.name not in results]
     if todo:
         log.info("%s: scoring %s", label, ", ".join(t.name for t in todo))
-        fresh = lm_eval_runner.evaluate_tasks(
-            model, tokenizer, eval_cfg.model_copy(update={"tasks": todo}), data_dir=data_dir
-        )
+        if plans:
+            fresh = {}
+            for task in todo:
+                batches = [
+                    score_look(model, tokenizer, eval_cfg, data_dir, plans, task, look)
+                    for look in range(len(plans[task.name][1]))
+                ]
+                fresh[task.name] = functools.reduce(TaskResult.merged_with, batches)
+        else:
+            fresh = lm_eval_runner.evaluate_tasks(
+                model, tokenizer, eval_cfg.model_copy(update={"tasks": todo}), data_dir=data_dir
+            )
         for name, result in fresh.items():
             atomic_write_json(cache_path_of[name], result.to_dict())
         results.update(fresh)
     return {t.name: results[t.name] for t in eval_cfg.tasks}, not todo
+
+
+def evaluate_sequentially(
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    data_dir: Path | None,
+    plans: Plans,
+    baseline: dict[str, TaskResult],
+    quality: QualityResult | None,
+    cache_path_of: dict[str, Path],
+) -> dict[str, TaskResult]:
+    """Score the artifact look by look, each task until its verdict is decided (or its items
+    run out), the whole run until the gate's verdict is; every look is saved for --resume."""
+    results: dict[str, TaskResult] = {}
+    for task in recipe.eval.tasks:
+        path = cache_path_of[task.name]
+        if path.is_file():
+            results[task.name] = TaskResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    tasks = {t.name: t for t in recipe.eval.tasks}
+    pending = [name for name in tasks if name not in results]
+    while True:
+        for name in pending:
+            looks_done = len(results[name].info["prompt_digests"]) if name in results else 0
+            log.info("artifact %s: look %d", name, looks_done + 1)
+            batch = score_look(
+                model, tokenizer, recipe.eval, data_dir, plans, tasks[name], looks_done
+            )
+            results[name] = results[name].merged_with(batch) if name in results else batch
+            atomic_write_json(cache_path_of[name], results[name].to_dict())
+        decision = decide(baseline, results, recipe.gate, quality)
+        assert decision.sequential is not None
+        if decision.verdict != "continue":
+            log.info(
+                "sequential gate: %s after %d of %d artifact items",
+                decision.verdict,
+                decision.sequential["items_used"],
+                decision.sequential["items_planned"],
+            )
+            return results
+        states = decision.sequential["tasks"]
+        pending = [n for n in tasks if states[n]["outcome"] == "continue"]
 
 
 # --------------------------------------------------------------------------- stages
@@ -310,12 +419,13 @@ def run(
     quality_baseline = capture_quality_baseline(model, tokenizer, recipe.eval.quality)
     baseline_paths = {
         task.name: layout.baseline_cache(
-            task_cache_key(source_sha, recipe.dtype, recipe.eval, task)
+            task_cache_key(source_sha, recipe.dtype, recipe.eval, task, recipe.gate.sequential)
         )
         for task in recipe.eval.tasks
     }
+    plans = sequential_plans(recipe.eval, data_dir, recipe.gate)
     baseline, baseline_cached = evaluate_cached(
-        model, tokenizer, recipe.eval, data_dir, baseline_paths, "baseline"
+        model, tokenizer, recipe.eval, data_dir, baseline_paths, "baseline", plans
     )
     timings["baseline eval"] = time.perf_counter() - t
 
@@ -355,14 +465,26 @@ def run(
     weights_sha = read_manifest(layout.artifact)["files"][WEIGHTS]["sha256"]
     artifact_paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
     _discard_stale_artifact_scores(artifact_paths, weights_sha, layout)
-    artifact_scores, _ = evaluate_cached(
-        artifact_model, artifact_tokenizer, recipe.eval, data_dir, artifact_paths, "artifact"
-    )
     quality = (
         None
         if quality_baseline is None
         else measure_quality(artifact_model, quality_baseline.windows, quality_baseline)
     )
+    if plans:
+        artifact_scores = evaluate_sequentially(
+            artifact_model,
+            artifact_tokenizer,
+            recipe,
+            data_dir,
+            plans,
+            baseline,
+            quality,
+            artifact_paths,
+        )
+    else:
+        artifact_scores, _ = evaluate_cached(
+            artifact_model, artifact_tokenizer, recipe.eval, data_dir, artifact_paths, "artifact"
+        )
     timings["artifact eval"] = time.perf_counter() - t
 
     decision = decide(baseline, artifact_scores, recipe.gate, quality)
@@ -387,6 +509,16 @@ def run(
     report["plots"] = write_loss_curves(state.stages, layout.artifact)
     atomic_write_json(layout.artifact / "report.json", report)
     atomic_write_text(layout.artifact / "report.md", render_markdown(report))
+    atomic_write_text(layout.artifact / "report.html", render_report_html(report, layout.artifact))
+    atomic_write_text(
+        layout.artifact / "README.md",
+        render_model_card(
+            report,
+            dump_recipe(recipe),
+            source_license(resolved),
+            resolved.location if resolved.kind == "hub" else None,
+        ),
+    )
 
     final = layout.final(decision.verdict)
     replace_dir(layout.artifact, final)

@@ -161,7 +161,9 @@ class GateConfig(_Strict):
         None, description="budgets on perplexity / KL / top-1 agreement (needs eval.quality)"
     )
     sequential: SequentialConfig | None = Field(
-        None, description="group-sequential evaluation of the artifact (non_inferiority only)"
+        None,
+        description="score the artifact in batches and stop once decided (non_inferiority "
+        "budgets stop early; point-rule and ungated tasks are scored in full)",
     )
 
     @model_validator(mode="after")

@@ -67,6 +67,8 @@ def save_tiny_llama(
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    # A Hub-style model card, whose licence the artifact's own card carries over.
+    (directory / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny random Llama\n")
     return directory
 
 

@@ -17,7 +17,8 @@ so a stored report re-decides identically (`compress gate --replay`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import random
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from compress.errors import BadInputError
@@ -27,10 +28,13 @@ from compress.evaluate.stats import (
     PairedEstimate,
     holm,
     items_needed,
+    look_bounds,
+    look_outcome,
+    look_sizes,
     paired_estimate,
     weighted_estimate,
 )
-from compress.recipe import GateConfig, Rule
+from compress.recipe import GateConfig, Rule, SequentialConfig
 
 Outcome = Literal["ship", "reject", "inconclusive"]
 
@@ -53,7 +57,7 @@ class Check:
 class CheckResult:
     """What the gate concluded about one check (numbers on the check's own scale)."""
 
-    outcome: Outcome | Literal["reported"]
+    outcome: Outcome | Literal["reported", "continue"]
     upper: float  # one-sided upper bound at the gate's confidence
     lower: float
     interval: tuple[float, float]  # two-sided, at the gate's confidence
@@ -75,8 +79,14 @@ class CheckResult:
         }
 
 
-def judge(checks: list[Check], gate: GateConfig) -> list[CheckResult]:
-    """Every check's outcome; Holm adjusts the reject side over the confidence-gated checks."""
+def judge(
+    checks: list[Check], gate: GateConfig, sequential: dict[str, str] | None = None
+) -> list[CheckResult]:
+    """Every check's outcome; Holm adjusts the reject side over the confidence-gated checks.
+
+    `sequential`: check name → its outcome from the group-sequential test (which replaces
+    the fixed-sample one; "continue" while looks remain)."""
+    sequential = sequential or {}
     alpha, confidence = gate.alpha, gate.confidence
     ni = [c for c in checks if c.gated_by_confidence]
     adjusted = dict(
@@ -93,12 +103,18 @@ def judge(checks: list[Check], gate: GateConfig) -> list[CheckResult]:
         needed = None
         if budget is None:
             outcome = "reported"
+        elif sequential.get(check.name) == "continue":
+            outcome = "continue"  # looks remain: no verdict yet, whatever the rule
         elif check.rule == "point":
             outcome = "ship" if est.drop <= budget else "reject"
         else:
             p_within, p_exceeds = est.p_within(budget), est.p_exceeds(budget)
             p_adjusted = adjusted[check.name]
-            if p_within <= alpha:
+            if check.name in sequential:
+                outcome = sequential[check.name]
+                if outcome == "inconclusive":
+                    needed = items_needed(est.sd, budget - est.center, alpha, gate.power)
+            elif p_within <= alpha:
                 outcome = "ship"
             elif p_adjusted <= alpha:
                 outcome = "reject"
@@ -120,10 +136,14 @@ def judge(checks: list[Check], gate: GateConfig) -> list[CheckResult]:
     return results
 
 
-def overall(outcomes: list[str]) -> Outcome:
+def overall(outcomes: list[str]) -> Outcome | Literal["continue"]:
+    """reject if any check rejects; else continue while a sequential check has looks left;
+    ship if every gated check ships; else inconclusive."""
     gated = [o for o in outcomes if o != "reported"]
     if "reject" in gated:
         return "reject"
+    if "continue" in gated:
+        return "continue"
     if all(o == "ship" for o in gated):
         return "ship"
     return "inconclusive"
@@ -161,6 +181,7 @@ COMPARED_RUN_INFO = (
     "max_gen_toks",
     "batch_size",
     "data_source",
+    "prompt_digests",  # the same questions, with the same few-shot context, batch by batch
 )
 
 
@@ -298,6 +319,82 @@ def quality_value(signal: QualitySignal, quality: QualityResult) -> float:
     return quality.top1_agreement
 
 
+# --------------------------------------------------------------------------- sequential
+
+
+def look_plan(universe: list[str], config: SequentialConfig) -> tuple[list[str], list[int]]:
+    """(item ids in scoring order, items scored by each look): a seeded shuffle of the task's
+    items, so every look is a random sample of the whole task (every subject of MMLU)."""
+    order = sorted(universe)
+    random.Random(config.seed).shuffle(order)
+    return order, look_sizes(len(order), config.looks, config.first)
+
+
+def batch_of_look(plan: tuple[list[str], list[int]], look: int) -> list[str]:
+    """The items look `look` (0-based) adds."""
+    order, sizes = plan
+    return order[(sizes[look - 1] if look else 0) : sizes[look]]
+
+
+@dataclass(frozen=True)
+class SequentialState:
+    """One task of a sequential gate: where it stands after the looks scored so far."""
+
+    outcome: str  # ship | reject | inconclusive | continue
+    look: int  # looks scored (1-based count)
+    looks: int
+    items_used: int
+    items_planned: int
+    bounds: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sequential_state(
+    name: str,
+    base: TaskResult,
+    art: TaskResult,
+    gate: GateConfig,
+    reject_alpha: float,
+    decided_by_looks: bool,
+) -> tuple[SequentialState, TaskResult]:
+    """Replay the looks the artifact's items cover; returns the state and the baseline
+    restricted to the artifact's items (what the estimate pairs with)."""
+    assert gate.sequential is not None
+    plan = look_plan(list(base.items), gate.sequential)
+    order, sizes = plan
+    scored = len(art.items)
+    if scored not in sizes or set(order[:scored]) != set(art.items):
+        raise BadInputError(
+            f"{name}: the artifact's {scored} items are not a prefix of the sequential plan "
+            f"(looks after {sizes} of the baseline's items, seed {gate.sequential.seed})"
+        )
+    looks_done = sizes.index(scored) + 1
+    bounds = look_bounds(sizes, gate.alpha, reject_alpha)
+    outcome = "continue" if looks_done < len(sizes) else "inconclusive"
+    stopped = looks_done
+    if decided_by_looks:
+        for look in range(looks_done):
+            ids = order[: sizes[look]]
+            estimate = paired_estimate([base.items[i] for i in ids], [art.items[i] for i in ids])
+            decided = look_outcome(estimate, gate.budgets[name].max_drop, bounds[look])
+            if decided is not None:
+                outcome, stopped = decided, look + 1
+                break
+    elif looks_done == len(sizes):
+        outcome = "final"  # a point-rule or reported task: judged on all its items
+    state = SequentialState(
+        outcome=outcome,
+        look=stopped,
+        looks=len(sizes),
+        items_used=scored,
+        items_planned=sizes[-1],
+        bounds=[{"ship": b.ship, "reject": b.reject} for b in bounds],
+    )
+    return state, base.restricted_to(order[:scored], looks_done)
+
+
 # --------------------------------------------------------------------------- the decision
 
 
@@ -337,7 +434,7 @@ class TaskVerdict:
 
 @dataclass(frozen=True)
 class GateDecision:
-    verdict: Outcome
+    verdict: Outcome | Literal["continue"]  # continue: a sequential gate has looks left
     confidence: float
     tasks: list[TaskVerdict]
     quality: list[QualityVerdict] = field(default_factory=list)
@@ -372,9 +469,11 @@ def decide(
     missing = sorted(set(baseline) - set(artifact))
     if missing:
         raise BadInputError(f"the artifact was not scored on {missing}")
+    baseline, states = _sequential_view(baseline, artifact, gate, quality)
     task_checks = [task_check(name, base, artifact[name], gate) for name, base in baseline.items()]
     scaled = [] if gate.quality is None or quality is None else quality_checks(gate, quality)
-    results = judge(task_checks + [check for _, check in scaled], gate)
+    overrides = {n: s.outcome for n, s in states.items() if s.outcome != "final"}
+    results = judge(task_checks + [check for _, check in scaled], gate, overrides)
     task_results, quality_results = results[: len(task_checks)], results[len(task_checks) :]
     tasks = [
         TaskVerdict(
@@ -407,4 +506,42 @@ def decide(
             )
         )
     verdict = overall([r.outcome for r in results])
-    return GateDecision(verdict, gate.confidence, tasks, qualities, sequential)
+    record = None
+    if states:
+        record = {
+            "looks": max(s.looks for s in states.values()),
+            "look": max(s.look for s in states.values()),
+            "items_used": sum(s.items_used for s in states.values()),
+            "items_planned": sum(s.items_planned for s in states.values()),
+            "tasks": {n: s.to_dict() for n, s in states.items()},
+        }
+    return GateDecision(verdict, gate.confidence, tasks, qualities, record)
+
+
+def _sequential_view(
+    baseline: dict[str, TaskResult],
+    artifact: dict[str, TaskResult],
+    gate: GateConfig,
+    quality: QualityResult | None,
+) -> tuple[dict[str, TaskResult], dict[str, SequentialState]]:
+    """Under `gate.sequential`: each task's looks replayed, and the baseline cut to the
+    artifact's items. The reject side is split (Bonferroni) over the confidence-gated checks,
+    whose number is known before any look."""
+    if gate.sequential is None:
+        return baseline, {}
+    gated = [
+        n
+        for n in baseline
+        if n in gate.budgets and gate.rule_of(gate.budgets[n]) == "non_inferiority"
+    ]
+    quality_count = (
+        0 if gate.quality is None or quality is None else len(quality_checks(gate, quality))
+    )
+    reject_alpha = gate.alpha / max(1, len(gated) + quality_count)
+    restricted, states = {}, {}
+    for name, base in baseline.items():
+        state, restricted[name] = sequential_state(
+            name, base, artifact[name], gate, reject_alpha, name in gated
+        )
+        states[name] = state
+    return restricted, states

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -118,6 +119,39 @@ class TaskResult:
             "items": dict(self.items),
             "info": self.info,
         }
+
+    def merged_with(self, later: TaskResult) -> TaskResult:
+        """This result and a later batch of other items of the same task, as one result (the
+        run info of the first, with the batches' prompt digests in order)."""
+        overlap = sorted(set(self.items) & set(later.items))[:3]
+        if overlap or later.metric != self.metric:
+            raise BadInputError(f"{self.task}: batches overlap ({overlap}) or differ in metric")
+        items = {**self.items, **later.items}
+        digests = self.info.get("prompt_digests", []) + later.info.get("prompt_digests", [])
+        return TaskResult(
+            task=self.task,
+            metric=self.metric,
+            value=math.fsum(items.values()) / len(items),
+            num_items=len(items),
+            items=items,
+            info={**self.info, "prompt_digests": digests},
+        )
+
+    def restricted_to(self, item_ids: list[str], batches: int) -> TaskResult:
+        """The result on `item_ids` only, scored in its first `batches` batches."""
+        missing = sorted(set(item_ids) - set(self.items))[:3]
+        if missing:
+            raise BadInputError(f"{self.task}: items {missing} were not scored")
+        items = {k: self.items[k] for k in item_ids}
+        digests = self.info.get("prompt_digests", [])[:batches]
+        return TaskResult(
+            task=self.task,
+            metric=self.metric,
+            value=math.fsum(items.values()) / len(items),
+            num_items=len(items),
+            items=items,
+            info={**self.info, "prompt_digests": digests},
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TaskResult:
@@ -560,9 +594,15 @@ def _run_info(
 
 
 def _simple_evaluate(
-    lm: Any, task: TaskConfig, eval_cfg: EvalConfig, manager: TaskManager, spec: str
+    lm: Any,
+    task: TaskConfig,
+    eval_cfg: EvalConfig,
+    manager: TaskManager,
+    spec: str,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, Any] | None:
-    """One lm-eval run: one recipe task (a task, tag or group, or its local-data wrapper)."""
+    """One lm-eval run: one recipe task (a task, tag or group, or its local-data wrapper),
+    on its first `limit` items per subtask or on the chosen `samples` (subtask → doc ids)."""
     from lm_eval import simple_evaluate
 
     return simple_evaluate(
@@ -570,7 +610,8 @@ def _simple_evaluate(
         tasks=[spec],
         task_manager=manager,
         num_fewshot=task.num_fewshot,
-        limit=task.limit,
+        limit=None if samples is not None else task.limit,
+        samples=samples,
         # Applies to generative tasks only; lm-eval ignores gen_kwargs for loglikelihood ones.
         gen_kwargs={"max_gen_toks": task.max_gen_toks} if task.max_gen_toks else None,
         batch_size=eval_cfg.batch_size,
@@ -593,10 +634,18 @@ def _evaluate_one(
     expected_local: Mapping[str, Path],
     model: Any,
     data_source: str,
+    selection: list[str] | None = None,
+    leaves: Mapping[str, int] | None = None,
 ) -> TaskResult:
-    logger.info("lm-eval: %s (limit=%s, num_fewshot=%s)", task.name, task.limit, task.num_fewshot)
+    samples = None if selection is None else samples_for(selection, leaves or {})
+    logger.info(
+        "lm-eval: %s (%s, num_fewshot=%s)",
+        task.name,
+        f"limit={task.limit}" if selection is None else f"{len(selection)} chosen items",
+        task.num_fewshot,
+    )
     try:
-        out = _simple_evaluate(lm, task, eval_cfg, manager, spec)
+        out = _simple_evaluate(lm, task, eval_cfg, manager, spec, samples)
     except ConnectionError as exc:  # `datasets` raises this when the Hub cannot be reached
         raise DataError(
             f"task {task.name!r}: its dataset could not be fetched ({exc}); point eval.data_dir "
@@ -612,18 +661,28 @@ def _evaluate_one(
     if not items:
         raise DataError(f"task {task.name!r}: lm-eval scored no items")
     _check_leaf_means(items, out["results"], f"{metric},{filter_name}", task.name)
+    if selection is not None:  # drop the fillers that kept unchosen subtasks from running all
+        chosen = set(selection)
+        items = {k: v for k, v in items.items() if k in chosen}
+    info = _run_info(out, sorted(samples), task, eval_cfg, model, data_source)
+    info["prompt_digests"] = [prompt_digest(samples, filter_name, items)]
     return TaskResult(
         task=task.name,
         metric=metric_key(metric, filter_name),
         value=math.fsum(items.values()) / len(items),
         num_items=len(items),
         items=items,
-        info=_run_info(out, sorted(samples), task, eval_cfg, model, data_source),
+        info=info,
     )
 
 
 def evaluate_tasks(
-    model: Any, tokenizer: Any, eval_cfg: EvalConfig, *, data_dir: Path | None
+    model: Any,
+    tokenizer: Any,
+    eval_cfg: EvalConfig,
+    *,
+    data_dir: Path | None,
+    selections: Mapping[str, list[str]] | None = None,
 ) -> dict[str, TaskResult]:
     """Run every task of `eval_cfg` on the in-memory `model`; recipe task name → TaskResult.
 
@@ -633,6 +692,9 @@ def evaluate_tasks(
     alone and its few-shot draw does not depend on the order of tasks. Global RNG states and
     the offline environment variables are restored afterwards. lm-eval puts the model in eval
     mode and may give the tokenizer a pad token.
+
+    `selections` (recipe task → item ids, `<subtask>/<doc_id>`) scores only those items of a
+    task (sequential evaluation); the others run on their first `limit` items per subtask.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -654,6 +716,8 @@ def evaluate_tasks(
                 expected.get(task.name, {}),
                 model,
                 source,
+                None if selections is None else selections.get(task.name),
+                None if selections is None else subtask_sizes(task, data_dir),
             )
             logger.info(
                 "%s: %s = %.4f over %d items",
@@ -663,6 +727,78 @@ def evaluate_tasks(
                 results[task.name].num_items,
             )
     return results
+
+
+# ----------------------------------------------------------------------------- chosen items
+
+
+def subtask_sizes(task: TaskConfig, data_dir: Path | None) -> dict[str, int]:
+    """Subtask → how many items the task scores of it (its first `limit` docs)."""
+    return dict(_subtask_sizes(task.model_dump_json(), None if data_dir is None else str(data_dir)))
+
+
+@functools.lru_cache(maxsize=16)
+def _subtask_sizes(task_json: str, data_dir: str | None) -> tuple[tuple[str, int], ...]:
+    from lm_eval.tasks import get_task_dict
+
+    task = TaskConfig.model_validate_json(task_json)
+    manager, specs, _ = _task_specs([task], None if data_dir is None else Path(data_dir))
+    with _hub_offline(data_dir is not None):
+        task_dict = get_task_dict([specs[task.name]], manager)
+    sizes = []
+    for name, obj in _leaf_tasks(task_dict):
+        count = len(obj.eval_docs)
+        sizes.append((name, count if task.limit is None else min(count, task.limit)))
+    return tuple(sorted(sizes))
+
+
+def _leaf_tasks(task_dict: Mapping[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """(name, Task) of every leaf of lm-eval's nested task dict (groups are keyed by objects)."""
+    for key, value in task_dict.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_tasks(value)
+        else:
+            yield (key if isinstance(key, str) else key.group_name), value
+
+
+def task_item_ids(task: TaskConfig, data_dir: Path | None) -> list[str]:
+    """Every item id (`<subtask>/<doc_id>`) the task scores, without running a model."""
+    return [
+        f"{leaf}/{doc}"
+        for leaf, count in subtask_sizes(task, data_dir).items()
+        for doc in range(count)
+    ]
+
+
+def samples_for(selection: list[str], leaves: Mapping[str, int]) -> dict[str, list[int]]:
+    """lm-eval's `samples`: subtask → sorted doc ids (lm-eval maps them back by position).
+
+    A subtask missing from `samples` would be scored in full, and an empty list means the
+    same to lm-eval, so each subtask without a chosen item gets its doc 0 as a filler, which
+    is scored and dropped."""
+    chosen: dict[str, set[int]] = {leaf: set() for leaf in leaves}
+    for item_id in selection:
+        leaf, _, doc = item_id.rpartition("/")
+        if leaf not in chosen or not doc.isdigit() or int(doc) >= leaves[leaf]:
+            raise BadInputError(f"item {item_id!r} is not one of the task's items")
+        chosen[leaf].add(int(doc))
+    return {leaf: sorted(docs) if docs else [0] for leaf, docs in chosen.items()}
+
+
+def prompt_digest(
+    samples: Mapping[str, list[dict[str, Any]]], filter_name: str, items: Mapping[str, float]
+) -> str:
+    """An order-free digest of the prompts of `items`: the sum of sha256(id, prompt hash) mod
+    2^256, so the digests of disjoint batches add up. Two runs with equal digests asked the
+    models the same questions with the same few-shot context."""
+    total = 0
+    for leaf, rows in samples.items():
+        for row in rows:
+            item_id = f"{leaf}/{row['doc_id']}"
+            if row["filter"] == filter_name and item_id in items:
+                text = f"{item_id}\0{row.get('prompt_hash', '')}".encode()
+                total += int.from_bytes(hashlib.sha256(text).digest(), "big")
+    return f"{total % (1 << 256):064x}"
 
 
 def lm_eval_version() -> str:

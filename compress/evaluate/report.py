@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from compress.evaluate.gate import GateDecision
@@ -22,6 +23,7 @@ def build_report(
 ) -> dict[str, Any]:
     return {
         "recipe": recipe_name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "verdict": decision.verdict,
         "gate": decision.to_dict(),
         "gate_config": gate_config,  # what `compress gate --replay` decides with

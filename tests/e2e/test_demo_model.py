@@ -44,7 +44,7 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     recipe["output"] = {"dir": str(tmp_path / "runs")}
     recipe["eval"]["tasks"] = [
         {"name": "mmlu_anatomy", "num_fewshot": 5, "limit": 3},
-        {"name": "gsm8k", "num_fewshot": 5, "limit": 1, "max_gen_toks": 16},
+        {"name": "gsm8k", "num_fewshot": 5, "limit": 2, "max_gen_toks": 16},
     ]
     recipe["gate"]["budgets"] = {"mmlu_anatomy": {"max_drop": 1.0}, "gsm8k": {"max_drop": 1.0}}
     recipe["gate"]["quality"] = {"max_kl_divergence": 10.0}  # gated and reported, cannot reject
@@ -79,7 +79,10 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     report = json.loads((artifact / "report.json").read_text())
     tasks = {t["task"]: t for t in report["gate"]["tasks"]}
     assert set(tasks) == {"mmlu_anatomy", "gsm8k"}
-    assert tasks["mmlu_anatomy"]["paired"]["n"] == 3 and tasks["gsm8k"]["paired"]["n"] == 1
+    assert tasks["mmlu_anatomy"]["estimate"]["n"] == 3 and tasks["gsm8k"]["estimate"]["n"] == 2
+    assert all(t["outcome"] == "ship" and t["rule"] == "non_inferiority" for t in tasks.values())
+    card = (artifact / "README.md").read_text()
+    assert "license: apache-2.0" in card  # from the GGUF file's general.license
     assert report["sizes"]["quantized_layers_ratio"] <= 0.3  # INT4 g64 vs bf16
     assert report["stages"][0]["details"]["method"] == "gptq"
     # GPTQ INT4 g64 on this model: KL ≈ 0.11 with 32 calibration windows; 4 short ones here.

@@ -131,3 +131,16 @@ def test_live_gate_checks_its_input_before_loading_models(tmp_path, tiny_llama_d
     )
     assert code == EXIT_BAD_INPUT
     assert "not an artifact directory" in caplog.text
+
+
+def test_sweep_page_compares_artifacts(shipped_report, tmp_path):
+    other = json.loads(shipped_report.read_text())
+    other["recipe"], other["verdict"] = "smaller", "reject"
+    other["sizes"]["artifact_bytes"] //= 2
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(other))
+    page = tmp_path / "sweep.html"
+    assert main(["report", str(shipped_report), str(second), "--out", str(page)]) == EXIT_OK
+    text = page.read_text()
+    assert "Sweep of 2 artifacts" in text and "data:image/png;base64," in text
+    assert text.index("<td>smaller</td>") < text.index("<td>tiny-mixed</td>")  # by size

@@ -41,7 +41,7 @@ class ScriptedScorer:
         self.n_items = n_items
         self.calls: list[tuple[str, tuple[str, ...]]] = []
 
-    def __call__(self, model: nn.Module, tokenizer, eval_cfg, *, data_dir):
+    def __call__(self, model: nn.Module, tokenizer, eval_cfg, *, data_dir, selections=None):
         quantized = any(isinstance(m, QuantLinear) for m in model.modules())
         label = "artifact" if quantized else "baseline"
         self.calls.append((label, tuple(t.name for t in eval_cfg.tasks)))
@@ -49,15 +49,21 @@ class ScriptedScorer:
         results = {}
         for task in eval_cfg.tasks:
             items = {f"{task.name}/{i}": float(i < right) for i in range(self.n_items)}
+            if selections is not None and task.name in selections:
+                items = {k: items[k] for k in selections[task.name]}
             results[task.name] = TaskResult(
                 task=task.name,
                 metric="acc",
-                value=sum(items.values()) / self.n_items,
-                num_items=self.n_items,
+                value=sum(items.values()) / len(items),
+                num_items=len(items),
                 items=items,
-                info={"scripted": True},
+                info={"scripted": True, "prompt_digests": [f"{len(items)} items"]},
             )
         return results
+
+    def item_ids(self, task, data_dir) -> list[str]:
+        """Stands in for lm_eval_runner.task_item_ids."""
+        return [f"{task.name}/{i}" for i in range(self.n_items)]
 
 
 @pytest.fixture
@@ -65,6 +71,7 @@ def scorer(monkeypatch):
     def install(artifact_right: int, n_items: int = N_ITEMS) -> ScriptedScorer:
         scripted = ScriptedScorer(artifact_right, n_items)
         monkeypatch.setattr(lm_eval_runner, "evaluate_tasks", scripted)
+        monkeypatch.setattr(lm_eval_runner, "task_item_ids", scripted.item_ids)
         return scripted
 
     monkeypatch.delenv("COMPRESS_EVAL_DATA_DIR", raising=False)
@@ -146,6 +153,13 @@ def test_ship(tmp_path, tiny_llama_dir, scorer):
     assert quality["perplexity"] != quality["baseline_perplexity"]
     markdown = (outcome.artifact_dir / "report.md").read_text()
     assert "SHIP" in markdown and "KL(baseline ‖ artifact)" in markdown
+    page = (outcome.artifact_dir / "report.html").read_text()
+    assert "data:image/png;base64," in page and '<span class="badge ship">SHIP</span>' in page
+    card = (outcome.artifact_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0"  # the tiny source's README front matter says so
+    assert {"compress", "quantized", "int4-g32-asym"} <= set(front["tags"])
+    assert "**SHIP**" in card and "type: quantize" in card  # verdict and recipe
     assert not (runs / "rejected").exists() and not (runs / "work" / "tiny-mixed").exists()
     assert [label for label, _ in scripted.calls] == ["baseline", "artifact"]
 
@@ -212,6 +226,38 @@ def test_non_inferiority_ships_only_when_confident(tmp_path, tiny_llama_dir, sco
     assert not (runs / "inconclusive" / "tiny-mixed").exists()  # the stale verdict is gone
     (mmlu,) = outcome.report["gate"]["tasks"]
     assert mmlu["upper"] <= 0.05 and mmlu["p_within"] <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("artifact_right", "verdict", "code"),
+    [(1995, "ship", EXIT_OK), (1500, "reject", EXIT_REJECTED)],  # drops of 0.25 / 25 points
+)
+def test_sequential_gate_stops_once_decided(
+    tmp_path, tiny_llama_dir, scorer, artifact_right, verdict, code
+):
+    scripted = scorer(artifact_right=artifact_right, n_items=2000)
+    gate = {
+        "budgets": {"mmlu": {"max_drop": 0.05}},
+        "sequential": {"looks": 5, "first": 200, "seed": 7},
+    }
+    eval_cfg = {"tasks": [{"name": "mmlu", "limit": 1}]}
+    recipe = write_recipe(tmp_path, tiny_llama_dir, gate=gate, eval=eval_cfg)
+    assert main(["run", str(recipe)]) == code
+    folder = "release" if verdict == "ship" else "rejected"
+    report_path = tmp_path / "runs" / folder / "tiny-mixed" / "report.json"
+    report = json.loads(report_path.read_text())
+    sequential = report["gate"]["sequential"]
+    assert report["verdict"] == verdict and sequential["items_planned"] == 2000
+    assert sequential["items_used"] < 2000 and sequential["look"] < 5
+    # The baseline is scored in every look's batch; the artifact only until decided.
+    labels = [label for label, _ in scripted.calls]
+    assert labels.count("baseline") == 5 and labels.count("artifact") == sequential["look"]
+    (mmlu,) = report["gate"]["tasks"]
+    assert mmlu["estimate"]["n"] == sequential["items_used"] and mmlu["outcome"] == verdict
+    # A replay re-runs the looks from the stored items and decides the same way.
+    replayed = tmp_path / "replayed.json"
+    assert main(["gate", "--replay", str(report_path), "--json", str(replayed)]) == code
+    assert json.loads(replayed.read_text())["gate"] == report["gate"]
 
 
 def test_baseline_scores_are_cached_across_runs(tmp_path, tiny_llama_dir, scorer):
