@@ -1,5 +1,5 @@
-"""`compress run | gate | report | inspect | verify | export`: argument parsing and exit codes
-only."""
+"""`compress run | gate | report | bench | inspect | verify | export`: argument parsing and
+exit codes only."""
 
 from __future__ import annotations
 
@@ -171,6 +171,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from compress.bench import BenchSettings, bench_artifact
+    from compress.evaluate.report import render_markdown
+
+    artifact = Path(args.path)
+    settings = BenchSettings(args.prompt_tokens, args.new_tokens, args.repeats)
+    if min(settings.prompt_tokens, settings.repeats) < 1 or settings.new_tokens < 2:
+        raise BadInputError(
+            "--prompt-tokens and --repeats must be at least 1, --new-tokens at least 2"
+        )
+    section = bench_artifact(artifact, args.baseline, settings)
+    report_path = artifact / "report.json"
+    if report_path.is_file():  # the table goes into the artifact's report
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report["bench"] = section
+        atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(artifact / "report.md", render_markdown(report))
+    sys.stdout.write(json.dumps(section) + "\n")
+    log.info("\n%s", section["table"])
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
@@ -229,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("reports", nargs="+", help="report.json files of the artifacts")
     report.add_argument("--out", required=True, help="HTML file to write")
     report.set_defaults(handler=_cmd_report)
+
+    bench = sub.add_parser(
+        "bench",
+        help="prefill / decode speed, peak memory and size of an artifact vs its baseline",
+    )
+    bench.add_argument("path", help="artifact directory")
+    bench.add_argument("--baseline", help="model source (default: the artifact's source)")
+    bench.add_argument("--runtime", choices=["torch"], default="torch")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
+    bench.set_defaults(handler=_cmd_bench)
 
     inspect = sub.add_parser("inspect", help="print what an artifact holds (JSON)")
     inspect.add_argument("path")

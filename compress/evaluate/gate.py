@@ -441,14 +441,17 @@ class GateDecision:
     sequential: dict[str, Any] | None = None  # looks, items used, per look (when sequential)
 
     def to_dict(self) -> dict[str, Any]:
-        gated = sum(t.max_drop is not None for t in self.tasks) + len(self.quality)
+        gated = sum(t.max_drop is not None and t.rule == "non_inferiority" for t in self.tasks)
+        gated += sum(q.rule == "non_inferiority" for q in self.quality)
         return {
             "verdict": self.verdict,
             "confidence": self.confidence,
             "rule": (
                 f"per check: non_inferiority (one-sided {self.confidence:.0%} bounds) or point; "
                 "ship when every gated check ships (intersection-union: no adjustment needed), "
-                f"reject when any check is confidently over budget (Holm over {gated} checks)"
+                "reject when any check is confidently over budget "
+                f"({'Bonferroni, sequential looks' if self.sequential else 'Holm'} over {gated} "
+                f"non-inferiority check{'' if gated == 1 else 's'})"
             ),
             "tasks": [t.to_dict() for t in self.tasks],
             "quality": [q.to_dict() for q in self.quality],

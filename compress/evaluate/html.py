@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.evaluate.plots import gate_figure, sweep_figure
+from compress.evaluate.report import outcome_text
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -51,12 +52,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _outcome(check: dict[str, Any]) -> str:
-    if check["outcome"] == "inconclusive" and check.get("needed"):
-        return f"inconclusive (~{check['needed']:,} items would decide)"
-    return check["outcome"]
-
-
 def gate_section(gate: dict[str, Any]) -> str:
     level = f"{gate['confidence']:.0%}"
     parts = [f"<p>{escape(gate['rule'])}.</p>", _img(gate_figure(gate), "gate checks")]
@@ -75,7 +70,7 @@ def gate_section(gate: dict[str, Any]) -> str:
                 _pct(t["upper"]),
                 "—" if t["max_drop"] is None else _pct(t["max_drop"]),
                 t["rule"],
-                _outcome(t),
+                outcome_text(t),
             ]
         )
     parts.append(
@@ -105,7 +100,7 @@ def gate_section(gate: dict[str, Any]) -> str:
                 f"{q['bound']:.4f}",
                 ("≤ " if q["kind"] == "max" else "≥ ") + f"{q['limit']:.4f}",
                 q["rule"],
-                _outcome(q),
+                outcome_text(q),
             ]
             for q in gate["quality"]
         ]

@@ -126,24 +126,18 @@ class TaskResult:
         overlap = sorted(set(self.items) & set(later.items))[:3]
         if overlap or later.metric != self.metric:
             raise BadInputError(f"{self.task}: batches overlap ({overlap}) or differ in metric")
-        items = {**self.items, **later.items}
         digests = self.info.get("prompt_digests", []) + later.info.get("prompt_digests", [])
-        return TaskResult(
-            task=self.task,
-            metric=self.metric,
-            value=math.fsum(items.values()) / len(items),
-            num_items=len(items),
-            items=items,
-            info={**self.info, "prompt_digests": digests},
-        )
+        return self._with_items({**self.items, **later.items}, digests)
 
     def restricted_to(self, item_ids: list[str], batches: int) -> TaskResult:
         """The result on `item_ids` only, scored in its first `batches` batches."""
         missing = sorted(set(item_ids) - set(self.items))[:3]
         if missing:
             raise BadInputError(f"{self.task}: items {missing} were not scored")
-        items = {k: self.items[k] for k in item_ids}
         digests = self.info.get("prompt_digests", [])[:batches]
+        return self._with_items({k: self.items[k] for k in item_ids}, digests)
+
+    def _with_items(self, items: dict[str, float], digests: list[str]) -> TaskResult:
         return TaskResult(
             task=self.task,
             metric=self.metric,

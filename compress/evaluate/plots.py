@@ -98,7 +98,8 @@ def gate_figure(gate: dict[str, Any]) -> bytes | None:
                 axis.axhline(line, color="#c62828", linestyle="--", label="budget line")
                 axis.legend(loc="lower right", fontsize=7)
             axis.set_xticks([0, 1], ["baseline", "artifact"])
-            axis.set_ylabel(f"{check['metric']} (%)")
+            axis.set_ylim(0, max(5.0, top, base) * 1.1)  # a budget line under 0 stays off-axis
+            axis.set_ylabel(f"{check['metric'].split(',')[0]} (%)")
             axis.set_title(f"{check['task']}: {check['outcome']}", fontsize=9)
         else:
             low, high = check["interval"]

@@ -61,7 +61,7 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {t['task']} | {t['metric']} | {t['estimate']['n']} | {_pct(t['baseline'])} "
             f"| {_pct(t['artifact'])} | {_pct(t['drop'])} | [{_pct(low)}, {_pct(high)}] "
-            f"| {_pct(t['upper'])} | {budget} | {t['rule']} | {_outcome(t)} |"
+            f"| {_pct(t['upper'])} | {budget} | {t['rule']} | {outcome_text(t)} |"
         )
     if gate.get("quality"):
         lines += [
@@ -75,7 +75,7 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             low, high = q["interval"]
             lines.append(
                 f"| {q['signal']} | {q['value']:.4f} | [{low:.4f}, {high:.4f}] "
-                f"| {q['bound']:.4f} | {side} {q['limit']:.4f} | {q['rule']} | {_outcome(q)} |"
+                f"| {q['bound']:.4f} | {side} {q['limit']:.4f} | {q['rule']} | {outcome_text(q)} |"
             )
     sequential = gate.get("sequential")
     if sequential:
@@ -88,11 +88,13 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _outcome(check: dict[str, Any]) -> str:
+def outcome_text(check: dict[str, Any]) -> str:
+    """A check's outcome for a table; inconclusive ones say how much more would decide."""
     outcome = check["outcome"]
     if outcome == "inconclusive":
         needed = check.get("needed")
-        return "inconclusive" + ("" if needed is None else f" (~{needed:,} items would decide)")
+        unit = "windows" if "signal" in check else "items"  # quality checks are over windows
+        return "inconclusive" + ("" if needed is None else f" (~{needed:,} {unit} would decide)")
     return {"ship": "pass", "reject": "FAIL", "reported": "reported"}[outcome]
 
 
@@ -118,6 +120,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {quality['baseline_perplexity']:.3f} | {quality['perplexity']:.3f} "
             f"| {quality['kl_divergence']:.4f} | {_pct(quality['top1_agreement'])}% |",
         ]
+    bench = report.get("bench")
+    if bench:
+        lines += ["", "## Speed (`compress bench`)", "", bench["table"]]
     sizes = report["sizes"]
     lines += [
         "",

@@ -201,4 +201,4 @@ def test_report_shows_intervals_bounds_and_outcomes():
     assert row + "| non_inferiority | FAIL |" in text
     assert "| mmlu | acc | 10 | 50.0 | 50.0 | 0.0 |" in text
     assert report["verdict"] == "reject"
-    assert "Holm over 2 checks" in report["gate"]["rule"]
+    assert "Holm over 1 non-inferiority check)" in report["gate"]["rule"]

@@ -1,0 +1,174 @@
+"""`compress bench`: prefill and decode speed, peak memory and size on disk of an artifact,
+next to its uncompressed baseline measured the same way in the same invocation.
+
+Decoding is greedy with the model's KV cache, one token at a time at batch 1 (the edge case);
+each figure is the median of `repeats` timed runs after a warm-up run. The prompt is seeded
+random token ids: speed does not depend on what the tokens say.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import BadInputError
+from compress.profiling import PeakMemory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    repeats: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One model's numbers (medians over repeats)."""
+
+    label: str
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_increase_bytes: int
+    size_on_disk_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prompt_ids(vocab_size: int, settings: BenchSettings) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(settings.seed)
+    return torch.randint(0, vocab_size, (1, settings.prompt_tokens), generator=generator)
+
+
+@torch.inference_mode()
+def timed_greedy(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int
+) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, seconds for `new_tokens` cached greedy steps, the (1, new_tokens)
+    tokens produced: the first comes from the prefill, each step makes the next)."""
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    prefill = time.perf_counter() - start
+    tokens = [out.logits[:, -1:].argmax(-1)]  # (1, 1) each
+    # transformers ≥ 5.24 calls the KV cache `cache` (argument and output); before, past_key_values.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else ("past_key_values")
+    )
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        cache = getattr(out, cache_arg)
+        out = model(input_ids=tokens[-1], use_cache=True, **{cache_arg: cache})
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    decode = time.perf_counter() - start
+    return prefill, decode, torch.cat(tokens, dim=1)
+
+
+def measure(model: nn.Module, label: str, size_on_disk: int, settings: BenchSettings) -> Speed:
+    model.eval()
+    prompt = prompt_ids(model.get_input_embeddings().num_embeddings, settings)
+    with PeakMemory() as memory:
+        timed_greedy(model, prompt, settings.new_tokens)  # warm-up: allocations, threads
+        runs = [timed_greedy(model, prompt, settings.new_tokens) for _ in range(settings.repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    speed = Speed(
+        label=label,
+        prefill_tokens_per_s=settings.prompt_tokens / prefill,
+        # new_tokens - 1 cached steps: the first new token comes with the prefill.
+        decode_tokens_per_s=(settings.new_tokens - 1) / decode if decode > 0 else float("nan"),
+        peak_rss_increase_bytes=memory.result.peak_rss_increase_bytes,
+        size_on_disk_bytes=size_on_disk,
+    )
+    log.info(
+        "%s: prefill %.0f tok/s, decode %.1f tok/s",
+        label,
+        speed.prefill_tokens_per_s,
+        speed.decode_tokens_per_s,
+    )
+    return speed
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as stored (tied tensors once): what saving it writes."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def bench_artifact(
+    artifact_dir: Path, baseline_spec: str | None, settings: BenchSettings
+) -> dict[str, Any]:
+    """Measure the baseline (the artifact's source unless named) and the artifact, one after
+    the other in this process; returns the `bench` section of the report."""
+    from compress.artifact import WEIGHTS, load_artifact, read_manifest
+    from compress.models import load_model, resolve_source
+    from compress.recipe import ModelConfig
+
+    manifest = read_manifest(artifact_dir)
+    spec = baseline_spec or (manifest.get("source") or {}).get("spec")
+    if spec is None:
+        raise BadInputError(f"{artifact_dir}: the manifest names no source; pass --baseline")
+    dtype = manifest.get("dtype", "bfloat16")
+    baseline_model, _ = load_model(resolve_source(ModelConfig(source=spec)), dtype)
+    baseline = measure(
+        baseline_model, f"baseline ({dtype})", tensor_bytes(baseline_model), settings
+    )
+    del baseline_model
+    artifact_model, _ = load_artifact(artifact_dir, with_tokenizer=False)
+    weights = (artifact_dir / WEIGHTS).stat().st_size
+    artifact = measure(artifact_model, "artifact", weights, settings)
+    return {
+        "runtime": "torch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": asdict(settings),
+        "baseline": baseline.to_dict(),
+        "artifact": artifact.to_dict(),
+        "table": bench_table(baseline, artifact, settings),
+    }
+
+
+def bench_table(baseline: Speed, artifact: Speed, settings: BenchSettings) -> str:
+    """Markdown: both rows and the artifact / baseline ratios."""
+
+    def row(s: Speed) -> str:
+        return (
+            f"| {s.label} | {s.prefill_tokens_per_s:.0f} | {s.decode_tokens_per_s:.1f} "
+            f"| {s.peak_rss_increase_bytes / 2**20:.0f} MiB | {s.size_on_disk_bytes / 1e6:.1f} MB |"
+        )
+
+    ratios = [
+        artifact.prefill_tokens_per_s / baseline.prefill_tokens_per_s,
+        artifact.decode_tokens_per_s / baseline.decode_tokens_per_s,
+        artifact.peak_rss_increase_bytes / max(1, baseline.peak_rss_increase_bytes),
+        artifact.size_on_disk_bytes / baseline.size_on_disk_bytes,
+    ]
+    ratio = "| artifact / baseline | " + " | ".join(f"{r:.2f}×" for r in ratios) + " |"
+    return "\n".join(
+        [
+            f"Batch 1, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} greedy "
+            f"tokens with the KV cache, median of {settings.repeats} runs, "
+            f"{torch.get_num_threads()} threads.",
+            "",
+            "| model | prefill tok/s | decode tok/s | peak RSS (+) | weights |",
+            "|---|---|---|---|---|",
+            row(baseline),
+            row(artifact),
+            ratio,
+        ]
+    )
