@@ -3,7 +3,10 @@
 The default implementation is pure PyTorch (unpack → dequantize in the activation dtype →
 matmul) and runs on every device. A faster implementation for a device registers against the
 same op (`torch.library.register_kernel("compress::dequant_matmul", "cuda")` from `cuda_ext`),
-so callers never choose kernels by hardware. The CUDA kernel at the end of this file calls the
+so callers never choose kernels by hardware. On CPU, INT4 (groups 32–256) and symmetric INT8
+per-channel layers run through torch's packed CPU matmuls (`_dequant_matmul_cpu`; the named
+choice `cpu_kernel("reference")` or COMPRESS_CPU_KERNEL=reference keeps the default path,
+whose outputs are bit-identical to dequantize → F.linear). The CUDA kernel calls the
 compiled `cuda_ext/` ops (compress/cuda_ops.py): a GEMV kernel for decode shapes, and for more
 rows a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 `torch.compile` and meta-device tracing see the output shape without running anything.
@@ -12,6 +15,10 @@ rows a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -177,4 +184,117 @@ def _dequant_matmul_cuda(
     else:
         weight = torch.ops.compress_cuda.dequantize(*args, in_features)
         out = torch.nn.functional.linear(rows, weight)
+    return out.reshape(*x.shape[:-1], weight_packed.shape[0])
+
+
+# ------------------------------------------------------------------------------------- CPU
+
+CPU_KERNELS = ("packed", "reference")
+_cpu_kernel = os.environ.get("COMPRESS_CPU_KERNEL", "packed")
+if _cpu_kernel not in CPU_KERNELS:
+    raise ValueError(f"COMPRESS_CPU_KERNEL={_cpu_kernel!r}: expected one of {CPU_KERNELS}")
+
+
+@contextmanager
+def cpu_kernel(name: str) -> Iterator[None]:
+    """Run the block with the named CPU implementation: "packed" (torch's packed matmuls
+    where they apply, the default) or "reference" (dequantize → linear everywhere)."""
+    global _cpu_kernel
+    if name not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel {name!r}: expected one of {CPU_KERNELS}")
+    previous, _cpu_kernel = _cpu_kernel, name
+    try:
+        yield
+    finally:
+        _cpu_kernel = previous
+
+
+# Group sizes torch's int4 CPU matmul takes.
+CPU_INT4_GROUPS = (32, 64, 128, 256)
+CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cached_on(tensor: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+    """`make()` once per `key`, kept on `tensor` itself: the operands live and die with the
+    weight they were made from, and a key with the tensors' versions remakes them after an
+    in-place change (load_state_dict, copy_)."""
+    cached = getattr(tensor, "_compress_cpu_operands", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = make()
+    tensor._compress_cpu_operands = (key, value)  # type: ignore[attr-defined]
+    return value
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place-change counter; tensors made under inference_mode have none (and
+    are not expected to change in place), so their key is fixed."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+def cpu_int4_operands(
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(torch's int4 CPU layout of the codes, scales-and-zeros (G, N, 2) in `dtype`).
+
+    torch computes (q − 8)·s + z per element, ours is (q − zero)·s, so z = (8 − zero)·s; with
+    no zero point (symmetric) zero = 8 and z = 0."""
+    out_features = weight_packed.shape[0]
+    codes = _unpacked_codes(weight_packed, 4).to(torch.int32)  # (N, K) in 0..15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scale32 = scale.float()
+    if zero_point is None:
+        zero = torch.full_like(scale32, 8.0)
+    else:
+        zero = unpack_zero_points(zero_point, 4, out_features).float()
+    scales_and_zeros = torch.stack((scale32, (8 - zero) * scale32), dim=-1)  # (N, G, 2)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous().to(dtype)
+
+
+def cpu_int8_operands(
+    weight_packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed int8 codes (N, K), per-row scales (N,) in `dtype`) for symmetric INT8: our
+    stored code q means q − 128, which flipping the top bit of the byte gives."""
+    codes = (weight_packed.view(torch.uint8) ^ 0x80).view(torch.int8)
+    return codes.view(weight_packed.shape[0], -1), scale.reshape(-1).to(dtype)
+
+
+@dequant_matmul.register_kernel("cpu")
+def _dequant_matmul_cpu(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """torch's packed CPU matmuls where they apply (the weight is repacked on first use and
+    kept with it), the default path elsewhere. Same result as the default within the
+    activation dtype's rounding (tests/kernels/test_dequant_matmul_cpu.py)."""
+    check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
+    rows = x.reshape(-1, in_features)
+    versions = (_version(weight_packed), _version(scale), x.dtype)
+    packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and rows.shape[0] > 0
+    if packed_ok and bits == 4 and group_size in CPU_INT4_GROUPS:
+        key = (*versions, None if zero_point is None else _version(zero_point))
+        packed, scales_and_zeros = _cached_on(
+            weight_packed, key, lambda: cpu_int4_operands(weight_packed, scale, zero_point, x.dtype)
+        )
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.contiguous(), packed, group_size, scales_and_zeros
+        )
+    elif packed_ok and bits == 8 and zero_point is None and group_size == PER_CHANNEL:
+        codes, scales = _cached_on(
+            weight_packed, versions, lambda: cpu_int8_operands(weight_packed, scale, x.dtype)
+        )
+        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), codes, scales)
+    else:
+        return _dequantize_then_linear(
+            x, weight_packed, scale, zero_point, bits, group_size, in_features
+        )
     return out.reshape(*x.shape[:-1], weight_packed.shape[0])

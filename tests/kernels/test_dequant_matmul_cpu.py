@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import compress.kernels  # noqa: F401  (registers torch.ops.compress.dequant_matmul)
+from compress.kernels import cpu_int4_operands, cpu_kernel
 from compress.quant.config import PER_CHANNEL
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
@@ -289,11 +289,16 @@ def test_quant_linear_forward(bits, group_size, symmetric, has_bias, dtype):
     expected = F.linear(x, w_deq)
     if bias is not None:
         expected = expected + bias
-    y = layer(x)
+    with cpu_kernel("reference"):
+        y = layer(x)
     assert y.shape == (2, 5, N)
     assert y.dtype == dtype
     # Same dequantization and the same matmul in the same dtype: bit-identical.
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    # The packed CPU path (the default) computes the same within the dtype's rounding.
+    packed = layer(x)
+    error = ((packed.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert error < REL_TOL[dtype] * (1 if dtype == torch.bfloat16 else 10), error
 
 
 def test_quant_linear_state_dict_names():
@@ -329,3 +334,86 @@ def test_quant_linear_int4_g64_stored_bytes():
     )
     assert layer.stored_bytes() == expected
     assert layer.stored_bytes() <= 0.3 * bf16_bytes
+
+
+# ------------------------------------------------------------------- the packed CPU path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"),
+    [(4, 32, False), (4, 64, False), (4, 128, True), (4, 256, False), (8, PER_CHANNEL, True)],
+)
+def test_packed_cpu_path_against_float64(dtype, rows, bits, group_size, symmetric):
+    """torch's packed matmuls behind the op, over the group sizes and row counts they take."""
+    k = 1024 if group_size == 256 else 576 if group_size != 128 else 640  # 640 = 5 × 128
+    spec = QuantSpec(bits, group_size, symmetric)
+    packed, reference, _ = make_case(k, spec, dtype)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    y = OP(*op_args(x, packed, spec, k))
+    expected = x.double() @ reference.T
+    error = ((y.double() - expected).norm() / expected.norm()).item()
+    tolerance = REL_TOL[torch.bfloat16] if dtype != torch.float32 else 1e-4
+    assert y.dtype == dtype and error < tolerance, error
+    assert getattr(packed.weight_packed, "_compress_cpu_operands", None) is not None  # packed
+
+
+def test_packed_operands_are_remade_after_an_in_place_change():
+    spec = QuantSpec(4, 64, symmetric=False)
+    packed, _, _ = make_case(576, spec, torch.bfloat16)
+    other, other_reference, _ = make_case(576, spec, torch.bfloat16, seed=1)
+    x = torch.randn(2, 576, dtype=torch.bfloat16)
+    OP(*op_args(x, packed, spec, 576))
+    first = packed.weight_packed._compress_cpu_operands[1][0]
+    packed.weight_packed.copy_(other.weight_packed)  # what load_state_dict does
+    packed.weight_scale.copy_(other.weight_scale)
+    packed.weight_zero_point.copy_(other.weight_zero_point)
+    y = OP(*op_args(x, packed, spec, 576))
+    assert packed.weight_packed._compress_cpu_operands[1][0] is not first
+    expected = x.double() @ other_reference.T
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_packed_path_takes_weights_made_under_inference_mode():
+    spec = QuantSpec(4, 64, symmetric=False)
+    with torch.inference_mode():  # inference tensors have no version counter
+        packed, reference, _ = make_case(576, spec, torch.bfloat16)
+        x = torch.randn(2, 576, dtype=torch.bfloat16)
+        y = OP(*op_args(x, packed, spec, 576))
+    expected = x.double() @ reference.T
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_torch_int4_zero_convention():
+    """Ours (q − zero)·s equals torch's (q − 8)·s + z with z = (8 − zero)·s, exactly in fp32."""
+    spec = QuantSpec(4, 32, symmetric=False)
+    packed, reference, _ = make_case(64, spec, torch.float32)
+    _, scales_and_zeros = cpu_int4_operands(
+        packed.weight_packed, packed.weight_scale, packed.weight_zero_point, torch.float32
+    )
+    from compress.kernels import _unpacked_codes
+
+    codes = _unpacked_codes(packed.weight_packed, 4).double().view(N, 2, 32)
+    scale, zero = scales_and_zeros.double().transpose(0, 1).unbind(-1)  # (N, G) each
+    rebuilt = ((codes - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(N, 64)
+    torch.testing.assert_close(rebuilt, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"), [(4, PER_CHANNEL, True), (8, 64, False), (8, 32, True)]
+)
+def test_layouts_torch_cannot_take_use_the_reference_path(bits, group_size, symmetric):
+    spec = QuantSpec(bits, group_size, symmetric)
+    packed, _, _ = make_case(256, spec, torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    y = OP(*op_args(x, packed, spec, 256))
+    with cpu_kernel("reference"):
+        expected = OP(*op_args(x, packed, spec, 256))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert getattr(packed.weight_packed, "_compress_cpu_operands", None) is None
+
+
+def test_unknown_cpu_kernel_is_refused():
+    with pytest.raises(ValueError, match="cpu_kernel 'fast'"), cpu_kernel("fast"):
+        pass

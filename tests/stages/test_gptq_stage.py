@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from compress.errors import PreflightError
+from compress.kernels import cpu_kernel
 from compress.models import load_model, replace_module, resolve_source
 from compress.quant.config import QuantizeConfig
 from compress.quant.gptq import accumulate_hessian, gptq_quantize
@@ -111,7 +112,9 @@ def test_whole_model_equals_a_plain_reference(tiny_llama_dir, windows):
                     collected[name] = accumulate_hessian(hessian, args[0], rows)
 
                 handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
-            with torch.no_grad():
+            # The reference kernel: QuantLinears compute exactly dequantize → linear, as the
+            # sequential pass's dense stand-ins do (the packed CPU path rounds differently).
+            with torch.no_grad(), cpu_kernel("reference"):
                 for batch in windows.split(4):
                     reference(input_ids=batch, use_cache=False)
             for handle in handles:
