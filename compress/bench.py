@@ -4,18 +4,26 @@ next to its uncompressed baseline measured the same way in the same invocation.
 Decoding is greedy with the model's KV cache, one token at a time at batch 1 (the edge case);
 each figure is the median of `repeats` timed runs after a warm-up run. The prompt is seeded
 random token ids: speed does not depend on what the tokens say.
+
+Runtimes: `torch` runs the artifact as `compress.load` gives it and the baseline in the
+artifact's dtype; `onnx` exports both (the artifact with MatMulNBits layers, the baseline
+unquantized in float32) into a temporary directory and runs them with ONNX Runtime on the CPU.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,12 +83,55 @@ def timed_greedy(
     return prefill, decode, torch.cat(tokens, dim=1)
 
 
-def measure(model: nn.Module, label: str, size_on_disk: int, settings: BenchSettings) -> Speed:
+def timed_greedy_onnx(
+    lm: Any, prompt: torch.Tensor, new_tokens: int
+) -> tuple[float, float, np.ndarray]:
+    """`timed_greedy` for an `OnnxCausalLM`."""
+    ids = prompt.numpy()
+    start = time.perf_counter()
+    logits, cache = lm.forward(ids, lm.empty_cache(ids.shape[0]))
+    prefill = time.perf_counter() - start
+    tokens = [logits[:, -1:].argmax(-1)]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, cache = lm.forward(tokens[-1], cache)
+        tokens.append(logits[:, -1:].argmax(-1))
+    decode = time.perf_counter() - start
+    return prefill, decode, np.concatenate(tokens, axis=1)
+
+
+def measure_torch(
+    model: nn.Module, label: str, size_on_disk: int, settings: BenchSettings
+) -> Speed:
     model.eval()
     prompt = prompt_ids(model.get_input_embeddings().num_embeddings, settings)
+    return measure(
+        lambda: timed_greedy(model, prompt, settings.new_tokens), label, size_on_disk, settings
+    )
+
+
+def measure_onnx(directory: Path, label: str, settings: BenchSettings) -> Speed:
+    from compress.onnx.runtime import OnnxCausalLM
+
+    lm = OnnxCausalLM(directory, threads=torch.get_num_threads())
+    vocab = lm.session.get_outputs()[0].shape[-1]
+    prompt = prompt_ids(vocab, settings)
+    size = sum(p.stat().st_size for p in directory.glob("model.onnx*"))
+    return measure(
+        lambda: timed_greedy_onnx(lm, prompt, settings.new_tokens), label, size, settings
+    )
+
+
+def measure(
+    run: Callable[[], tuple[float, float, Any]],
+    label: str,
+    size_on_disk: int,
+    settings: BenchSettings,
+) -> Speed:
+    """Median prefill and decode speed of `repeats` calls of `run` after a warm-up call."""
     with PeakMemory() as memory:
-        timed_greedy(model, prompt, settings.new_tokens)  # warm-up: allocations, threads
-        runs = [timed_greedy(model, prompt, settings.new_tokens) for _ in range(settings.repeats)]
+        run()  # warm-up: allocations, threads
+        runs = [run() for _ in range(settings.repeats)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     speed = Speed(
@@ -110,8 +161,14 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
+Runtime = Literal["torch", "onnx"]
+
+
 def bench_artifact(
-    artifact_dir: Path, baseline_spec: str | None, settings: BenchSettings
+    artifact_dir: Path,
+    baseline_spec: str | None,
+    settings: BenchSettings,
+    runtime: Runtime = "torch",
 ) -> dict[str, Any]:
     """Measure the baseline (the artifact's source unless named) and the artifact, one after
     the other in this process; returns the `bench` section of the report."""
@@ -125,25 +182,56 @@ def bench_artifact(
         raise BadInputError(f"{artifact_dir}: the manifest names no source; pass --baseline")
     dtype = manifest.get("dtype", "bfloat16")
     baseline_model, _ = load_model(resolve_source(ModelConfig(source=spec)), dtype)
-    baseline = measure(
-        baseline_model, f"baseline ({dtype})", tensor_bytes(baseline_model), settings
-    )
-    del baseline_model
-    artifact_model, _ = load_artifact(artifact_dir, with_tokenizer=False)
-    weights = (artifact_dir / WEIGHTS).stat().st_size
-    artifact = measure(artifact_model, "artifact", weights, settings)
+    if runtime == "onnx":
+        baseline, artifact = _bench_onnx(artifact_dir, baseline_model, settings)
+    else:
+        baseline = measure_torch(
+            baseline_model, f"baseline ({dtype})", tensor_bytes(baseline_model), settings
+        )
+        del baseline_model
+        artifact_model, _ = load_artifact(artifact_dir, with_tokenizer=False)
+        weights = (artifact_dir / WEIGHTS).stat().st_size
+        artifact = measure_torch(artifact_model, "artifact", weights, settings)
+    section: dict[str, Any] = {"runtime": runtime, "torch": torch.__version__}
+    if runtime == "onnx":
+        import onnxruntime
+
+        section["onnxruntime"] = onnxruntime.__version__
     return {
-        "runtime": "torch",
-        "torch": torch.__version__,
+        **section,
         "threads": torch.get_num_threads(),
         "settings": asdict(settings),
         "baseline": baseline.to_dict(),
         "artifact": artifact.to_dict(),
-        "table": bench_table(baseline, artifact, settings),
+        "table": bench_table(baseline, artifact, settings, runtime),
     }
 
 
-def bench_table(baseline: Speed, artifact: Speed, settings: BenchSettings) -> str:
+def _bench_onnx(
+    artifact_dir: Path, baseline_model: nn.Module, settings: BenchSettings
+) -> tuple[Speed, Speed]:
+    """Both models exported into a temporary directory and run with ONNX Runtime: the
+    baseline unquantized in float32, the artifact as `compress export --format onnx` writes it."""
+    from compress.onnx.export import export_onnx, write_onnx_model
+    from compress.onnx.graph import ExportOptions
+
+    length = settings.prompt_tokens + settings.new_tokens
+    with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
+        baseline_dir = Path(tmp) / "baseline"
+        baseline_dir.mkdir()
+        options = ExportOptions(context_length=length, quantized_only=False)
+        write_onnx_model(baseline_model, baseline_dir, options)  # weights widen to float32
+        del baseline_model
+        baseline = measure_onnx(baseline_dir, "baseline (onnx float32)", settings)
+        shutil.rmtree(baseline_dir)
+        artifact_onnx = export_onnx(artifact_dir, Path(tmp) / "artifact", context_length=length)
+        artifact = measure_onnx(artifact_onnx, "artifact (onnx)", settings)
+    return baseline, artifact
+
+
+def bench_table(
+    baseline: Speed, artifact: Speed, settings: BenchSettings, runtime: Runtime = "torch"
+) -> str:
     """Markdown: both rows and the artifact / baseline ratios."""
 
     def row(s: Speed) -> str:
@@ -163,7 +251,7 @@ def bench_table(baseline: Speed, artifact: Speed, settings: BenchSettings) -> st
         [
             f"Batch 1, prompt {settings.prompt_tokens} tokens, {settings.new_tokens} greedy "
             f"tokens with the KV cache, median of {settings.repeats} runs, "
-            f"{torch.get_num_threads()} threads.",
+            f"{torch.get_num_threads()} threads, runtime {runtime}.",
             "",
             "| model | prefill tok/s | decode tok/s | peak RSS (+) | weights |",
             "|---|---|---|---|---|",

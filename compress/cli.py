@@ -60,9 +60,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from compress.export import export_artifact
+    out = args.out_option or args.out
+    if out is None or (args.out_option and args.out and args.out_option != args.out):
+        raise BadInputError("export: name the directory to write once, as OUT or --out DIR")
+    if args.format == "onnx":
+        from compress.onnx.export import export_onnx
 
-    export_artifact(Path(args.path), Path(args.out), args.format, overwrite=args.overwrite)
+        export_onnx(
+            Path(args.path),
+            Path(out),
+            accuracy_level=args.accuracy_level,
+            context_length=args.context_length,
+            overwrite=args.overwrite,
+        )
+    else:
+        from compress.export import export_artifact
+
+        export_artifact(Path(args.path), Path(out), args.format, overwrite=args.overwrite)
     return EXIT_OK
 
 
@@ -181,11 +195,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise BadInputError(
             "--prompt-tokens and --repeats must be at least 1, --new-tokens at least 2"
         )
-    section = bench_artifact(artifact, args.baseline, settings)
+    section = bench_artifact(artifact, args.baseline, settings, args.runtime)
     report_path = artifact / "report.json"
     if report_path.is_file():  # the table goes into the artifact's report
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        report["bench"] = section
+        report["bench" if args.runtime == "torch" else f"bench_{args.runtime}"] = section
         atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
         atomic_write_text(artifact / "report.md", render_markdown(report))
     sys.stdout.write(json.dumps(section) + "\n")
@@ -258,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("path", help="artifact directory")
     bench.add_argument("--baseline", help="model source (default: the artifact's source)")
-    bench.add_argument("--runtime", choices=["torch"], default="torch")
+    bench.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="torch: the artifact as compress.load gives it, the baseline in its dtype; onnx: "
+        "both exported and run with ONNX Runtime (the baseline unquantized in float32)",
+    )
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
@@ -276,11 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="write a verified copy of an artifact in another format",
         description="int-quantized: unpacked int8 codes that stock transformers with "
-        "compressed-tensors loads even for asymmetric layers (see compress/export.py)",
+        "compressed-tensors loads even for asymmetric layers (see compress/export.py); onnx: "
+        "an ONNX Runtime decoder with MatMulNBits layers and a KV cache, plus "
+        "genai_config.json (see compress/onnx/)",
     )
     export.add_argument("path", help="artifact directory")
-    export.add_argument("out", help="directory to write")
-    export.add_argument("--format", required=True, choices=["int-quantized"])
+    export.add_argument("out", nargs="?", help="directory to write (or --out)")
+    export.add_argument("--out", dest="out_option", metavar="DIR", help="directory to write")
+    export.add_argument("--format", required=True, choices=["int-quantized", "onnx"])
+    export.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 4],
+        default=4,
+        help="onnx: MatMulNBits' activation precision; 4 (default) quantizes activations to "
+        "int8 per block for the integer dot-product kernels, 0 keeps float32 math",
+    )
+    export.add_argument(
+        "--context-length",
+        type=int,
+        help="onnx: the longest sequence the export can run (default: the model's maximum, "
+        "at most 4096)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
     export.set_defaults(handler=_cmd_export)
     return parser

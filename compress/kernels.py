@@ -209,8 +209,9 @@ def cpu_kernel(name: str) -> Iterator[None]:
         _cpu_kernel = previous
 
 
-# Group sizes torch's int4 CPU matmul takes.
+# Group sizes torch's int4 CPU matmul takes, and the multiple its repacking needs of N.
 CPU_INT4_GROUPS = (32, 64, 128, 256)
+CPU_INT4_ROWS_MULTIPLE = 16
 CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -280,7 +281,8 @@ def _dequant_matmul_cpu(
     rows = x.reshape(-1, in_features)
     versions = (_version(weight_packed), _version(scale), x.dtype)
     packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and rows.shape[0] > 0
-    if packed_ok and bits == 4 and group_size in CPU_INT4_GROUPS:
+    int4_ok = group_size in CPU_INT4_GROUPS and weight_packed.shape[0] % CPU_INT4_ROWS_MULTIPLE == 0
+    if packed_ok and bits == 4 and int4_ok:
         key = (*versions, None if zero_point is None else _version(zero_point))
         packed, scales_and_zeros = _cached_on(
             weight_packed, key, lambda: cpu_int4_operands(weight_packed, scale, zero_point, x.dtype)

@@ -193,6 +193,36 @@ def _quant_linear(layer: nn.Linear, packed: PackedWeight, spec: QuantSpec) -> Qu
     return QuantLinear.from_packed(packed, spec, bias, layer.weight.dtype)
 
 
+def _share_quantized_head_with_embeddings(
+    model: nn.Module, quantized: dict[str, nn.Linear]
+) -> bool:
+    """When a tied lm_head was quantized, the input embeddings take its dequantized table.
+
+    A tied model has one table for both ends. Quantizing only the head would silently untie
+    them (the embeddings keep the float table, the head computes with another); instead both
+    use the quantized values, as llama.cpp does with a tied `token_embd`, so the gate judges the
+    model a runtime that stores the table once (the ONNX export's GatherBlockQuantized) runs.
+    The config is untied because the head is no longer a plain weight the loader could tie.
+    """
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if not (getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantLinear)):
+        return False
+    if names.get(id(head)) not in quantized:
+        return False
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        table = head.dequantized_weight().to(embeddings.weight.dtype)
+    embeddings.weight = nn.Parameter(table, requires_grad=False)
+    config.tie_word_embeddings = False
+    log.info(
+        "%s was tied to the input embeddings: both now use its quantized table",
+        names[id(head)],
+    )
+    return True
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -207,6 +237,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
         extra = _quantize_gptq(model, layers, config, spec, scale_dtype, context)
     else:
         extra = _quantize_rtn(model, layers, config, spec, scale_dtype)
+    tied_table = _share_quantized_head_with_embeddings(model, layers)
     bytes_after = sum(model.get_submodule(name).stored_bytes() for name in layers)
     log.info(
         "quantized %d layers to %s (%s): %.1f MB → %.1f MB",
@@ -227,6 +258,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "ratio": bytes_after / bytes_before,
+            "embeddings_from_quantized_lm_head": tied_table,
             **extra,
         },
     )

@@ -103,6 +103,21 @@ def test_matches_float64_reference_for_every_x_shape(
     check_against_reference(bits, symmetric, k, group_size, dtype, leading)
 
 
+@pytest.mark.parametrize("out_features", [300, 8])
+def test_int4_rows_torch_cannot_repack_take_the_default_path(out_features):
+    # torch's int4 CPU repacking needs N divisible by 16 (a 300-token vocabulary's lm_head is
+    # not): such layers must still compute, through dequantize → linear.
+    spec = QuantSpec(4, 32, False)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, 64, generator=gen)
+    packed = rtn_quantize(weight, spec, torch.float32)
+    x = torch.randn(3, 64, generator=gen)
+    y = OP(*op_args(x, packed, spec, 64))
+    with cpu_kernel("reference"):
+        expected = OP(*op_args(x, packed, spec, 64))
+    assert torch.equal(y, expected)
+
+
 def test_reference_check_catches_a_wrong_zero_point():
     """The tolerance above is tight enough to see a one-step error in the zero points."""
     spec = QuantSpec(4, 64, symmetric=False)

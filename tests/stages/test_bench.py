@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from compress.artifact import load_artifact, verify_artifact
@@ -46,3 +47,20 @@ def test_bench_writes_its_table_into_the_report(shipped_report, tiny_llama_dir, 
     assert "| artifact / baseline |" in (artifact / "report.md").read_text()
     verify_artifact(artifact)
     assert main(["bench", str(artifact), "--new-tokens", "1"]) == EXIT_BAD_INPUT
+
+
+def test_onnx_bench_runs_both_models_with_onnx_runtime(shipped_report, tiny_llama_dir, capsys):  # noqa: F811
+    pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
+    artifact = shipped_report.parent
+    options = ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "2", "--runtime", "onnx"]
+    assert main(["bench", str(artifact), "--baseline", str(tiny_llama_dir), *options]) == EXIT_OK
+    section = json.loads(capsys.readouterr().out)
+    assert section["runtime"] == "onnx" and section["baseline"]["label"].endswith("float32)")
+    for side in ("baseline", "artifact"):
+        assert section[side]["decode_tokens_per_s"] > 0
+    # model.onnx sizes: MatMulNBits blocks against float32 matrices.
+    assert section["artifact"]["size_on_disk_bytes"] < section["baseline"]["size_on_disk_bytes"]
+    report = json.loads(shipped_report.read_text())
+    assert report["bench_onnx"]["table"] == section["table"]
+    assert "compress bench --runtime onnx" in (artifact / "report.md").read_text()
+    verify_artifact(artifact)

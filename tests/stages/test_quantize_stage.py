@@ -76,6 +76,34 @@ def test_include_can_select_lm_head_explicitly(tiny_model):
     assert isinstance(tiny_model.lm_head, QuantLinear)
 
 
+def test_a_quantized_tied_head_gives_the_embeddings_its_table(tiny_model, tmp_path):
+    from compress.artifact import load_artifact, save_artifact
+
+    assert tiny_model.config.tie_word_embeddings
+    before = tiny_model.get_input_embeddings().weight.detach().clone()
+    result = _apply(tiny_model, QuantizeConfig(bits=4, group_size=32, include=["lm_head"]))
+    table = tiny_model.get_input_embeddings().weight
+    assert result.details["embeddings_from_quantized_lm_head"]
+    assert torch.equal(table, tiny_model.lm_head.dequantized_weight())
+    assert not torch.equal(table, before)  # it really is the quantized table now
+    assert not tiny_model.config.tie_word_embeddings  # the loader must not re-tie a QuantLinear
+    ids = torch.tensor([[1, 5, 900, 7]])
+    path = save_artifact(
+        tiny_model, None, tmp_path / "a", recipe_yaml="", manifest_fields={"dtype": "bfloat16"}
+    )
+    loaded, _ = load_artifact(path, with_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, tiny_model(ids).logits)
+
+
+def test_quantizing_the_decoder_leaves_tied_embeddings_alone(tiny_model):
+    before = tiny_model.get_input_embeddings().weight.detach().clone()
+    result = _apply(tiny_model, QuantizeConfig(bits=4, group_size=32))
+    assert not result.details["embeddings_from_quantized_lm_head"]
+    assert torch.equal(tiny_model.get_input_embeddings().weight, before)
+    assert tiny_model.lm_head.weight is tiny_model.get_input_embeddings().weight
+
+
 def test_pattern_matching_nothing_is_refused(tiny_model):
     with pytest.raises(PreflightError, match=r"match no Linear layer: \['model.decoder.\*'\]"):
         handler_for(QuantizeConfig(bits=8)).preflight(
