@@ -6,9 +6,10 @@ ONNX Runtime path for a decoder is its fused contrib ops, which a tracer does no
 
     input_ids ─ Gather / GatherBlockQuantized (embedding)
       per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm)
-                 MatMulNBits q, k, v → GroupQueryAttention (RoPE from cos/sin tables, causal,
-                 grouped KV heads, KV cache in and out) → MatMulNBits o
-                 SkipSimplifiedLayerNormalization → MatMulNBits gate, up → SiLU · up → down
+                 MatMulNBits qkv (one matmul) → GroupQueryAttention (RoPE from cos/sin
+                 tables, causal, grouped KV heads, KV cache in and out) → MatMulNBits o
+                 SkipSimplifiedLayerNormalization → MatMulNBits gate‖up → Split → SiLU · up
+                 → MatMulNBits down
     final norm → lm_head (MatMulNBits, or MatMul for a float head) → logits
 
 Inputs and outputs follow onnxruntime-genai's names: `input_ids`, `attention_mask` (int64,
@@ -78,10 +79,10 @@ def _little_endian_bytes(words: torch.Tensor) -> np.ndarray:
     return words.contiguous().numpy().astype("<i4", copy=False).view(np.uint8)
 
 
-def to_matmul_nbits(layer: QuantLinear, name: str) -> NBitsWeight:
-    """The layer's stored integers, scales and zero points, rearranged, never requantized."""
-    spec, k, n = layer.spec, layer.in_features, layer.out_features
-    group_len = k if spec.group_size == PER_CHANNEL else spec.group_size
+def layer_block_size(layer: QuantLinear, name: str) -> int:
+    """The MatMulNBits block of a quantized layer; ArtifactError naming it when there is none."""
+    spec = layer.spec
+    group_len = layer.in_features if spec.group_size == PER_CHANNEL else spec.group_size
     block = block_size_for(group_len)
     if block is None:
         what = "per-channel rows of" if spec.group_size == PER_CHANNEL else "group size"
@@ -89,7 +90,14 @@ def to_matmul_nbits(layer: QuantLinear, name: str) -> NBitsWeight:
             f"{name}: {what} {group_len} cannot be expressed as MatMulNBits blocks (a power of "
             f"two ≥ {MIN_BLOCK} must divide it); quantize with group_size 32, 64 or 128"
         )
-    repeat = group_len // block
+    return block
+
+
+def to_matmul_nbits(layer: QuantLinear, name: str) -> NBitsWeight:
+    """The layer's stored integers, scales and zero points, rearranged, never requantized."""
+    spec, k, n = layer.spec, layer.in_features, layer.out_features
+    block = layer_block_size(layer, name)
+    repeat = spec.group_len(k) // block
     k_blocks = k // block
     packed = _little_endian_bytes(layer.weight_packed.cpu()).reshape(
         n, k_blocks, block * spec.bits // 8
@@ -161,6 +169,9 @@ def check_exportable(model: nn.Module, options: ExportOptions) -> None:
                 f"model.layers.{unquantized[0]}); the ONNX export writes quantized artifacts "
                 "made by `compress run` with a quantize stage"
             )
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            layer_block_size(module, name)
     if options.accuracy_level not in (0, 1, 2, 3, 4):
         raise ArtifactError(f"accuracy_level must be 0–4, got {options.accuracy_level}")
 
@@ -222,16 +233,51 @@ def _nbits_constants(g: _GraphBuilder, w: NBitsWeight, name: str) -> list[str]:
     ]
 
 
-def _linear(g: _GraphBuilder, x: str, module: nn.Module, name: str, accuracy_level: int) -> str:
-    """y = x Wᵀ + b, as MatMulNBits for a QuantLinear, MatMul (+ Add) for a float Linear."""
-    bias = getattr(module, "bias", None)
-    if isinstance(module, QuantLinear):
-        w = to_matmul_nbits(module, name)
+def fusable(modules: list[nn.Module]) -> bool:
+    """Whether one MatMulNBits (or MatMul) can compute these layers' outputs side by side: the
+    same input width, the same quantization (or none), biases on all or none."""
+    if len({m.in_features for m in modules}) != 1:
+        return False
+    if len({getattr(m, "bias", None) is None for m in modules}) != 1:
+        return False
+    if all(isinstance(m, QuantLinear) for m in modules):
+        return len({m.spec for m in modules}) == 1
+    return not any(isinstance(m, QuantLinear) for m in modules)
+
+
+def _concatenated(weights: list[NBitsWeight]) -> NBitsWeight:
+    """Several layers' blocks as one layer with their output rows stacked."""
+    if len(weights) == 1:
+        return weights[0]
+    zeros = [w.zero_points for w in weights]
+    return NBitsWeight(
+        packed=np.concatenate([w.packed for w in weights]),
+        scales=np.concatenate([w.scales for w in weights]),
+        zero_points=None if zeros[0] is None else np.concatenate(zeros),
+        bits=weights[0].bits,
+        block_size=weights[0].block_size,
+        in_features=weights[0].in_features,
+        out_features=sum(w.out_features for w in weights),
+    )
+
+
+def _linear(
+    g: _GraphBuilder, x: str, modules: list[nn.Module], name: str, accuracy_level: int
+) -> str:
+    """y = x [W₁; W₂; …]ᵀ + b: the `fusable` layers' outputs concatenated, as one MatMulNBits
+    for QuantLinear layers, one MatMul (+ Add) for float Linear layers. Fewer, larger matmuls:
+    at decode shapes each call has a fixed cost, and q/k/v or gate/up read the same input."""
+    if not fusable(modules):
+        raise ArtifactError(f"{name}: these layers cannot be computed by one matmul")
+    biases = [getattr(m, "bias", None) for m in modules]
+    bias = None if biases[0] is None else torch.cat([b.detach().float() for b in biases]).numpy()
+    if isinstance(modules[0], QuantLinear):
+        w = _concatenated([to_matmul_nbits(m, name) for m in modules])
         inputs = [
             x,
             *_nbits_constants(g, w, name),
             "",  # g_idx (deprecated)
-            g.constant(f"{name}.bias", bias.detach().float().numpy()) if bias is not None else "",
+            g.constant(f"{name}.bias", bias) if bias is not None else "",
         ]
         while inputs[-1] == "":
             inputs.pop()
@@ -246,13 +292,28 @@ def _linear(g: _GraphBuilder, x: str, module: nn.Module, name: str, accuracy_lev
             block_size=w.block_size,
             accuracy_level=accuracy_level,
         )
-    if not isinstance(module, nn.Linear):
-        raise ArtifactError(f"{name}: expected a Linear layer, got {type(module).__name__}")
-    weight = module.weight.detach().float().t().contiguous().numpy()
+    for module in modules:
+        if not isinstance(module, nn.Linear):
+            raise ArtifactError(f"{name}: expected a Linear layer, got {type(module).__name__}")
+    weight = torch.cat([m.weight.detach().float() for m in modules]).t().contiguous().numpy()
     y = g.one("MatMul", [x, g.constant(f"{name}.weight_t", weight)], name=f"{name}/MatMul")
     if bias is not None:
-        y = g.one("Add", [y, g.constant(f"{name}.bias", bias.detach().float().numpy())])
+        y = g.one("Add", [y, g.constant(f"{name}.bias", bias)])
     return y
+
+
+def _projections(
+    g: _GraphBuilder, x: str, modules: dict[str, nn.Module], fused_name: str, level: int
+) -> list[str]:
+    """One output per module (by name): from a single fused matmul split apart when the layers
+    are `fusable`, from one matmul each otherwise."""
+    layers = list(modules.values())
+    if not fusable(layers):
+        return [_linear(g, x, [m], name, level) for name, m in modules.items()]
+    fused = _linear(g, x, layers, fused_name, level)
+    sizes = np.array([m.out_features for m in layers])
+    split = g.constant(f"split_{'_'.join(map(str, sizes))}", sizes)
+    return g.node("Split", [fused, split], outputs=len(layers), axis=-1, name=f"{fused_name}/Split")
 
 
 def _rope_tables(model: nn.Module, context_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,10 +422,15 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
                 name=f"{prefix}/input_norm",
             )
         attn = layer.self_attn
-        q, k, v = (
-            _linear(g, normed, getattr(attn, f"{p}_proj"), f"{prefix}.self_attn.{p}_proj", level)
-            for p in "qkv"
-        )
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if fusable(qkv):  # GroupQueryAttention takes packed QKV and splits it itself
+            q = _linear(g, normed, qkv, f"{prefix}.self_attn.qkv_proj", level)
+            k = v = ""
+        else:
+            q, k, v = (
+                _linear(g, normed, [m], f"{prefix}.self_attn.{p}_proj", level)
+                for p, m in zip("qkv", qkv, strict=True)
+            )
         context = g.node(
             "GroupQueryAttention",
             [
@@ -387,7 +453,7 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
             rotary_interleaved=0,
             scale=float(attn.scaling),
         )[0]
-        hidden = _linear(g, context, attn.o_proj, f"{prefix}.self_attn.o_proj", level)
+        hidden = _linear(g, context, [attn.o_proj], f"{prefix}.self_attn.o_proj", level)
         ln2 = g.constant(
             f"{prefix}.post_attention_layernorm.weight",
             layer.post_attention_layernorm.weight.detach().float().numpy(),
@@ -401,11 +467,16 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
             name=f"{prefix}/post_attention_norm",
         )
         mlp = layer.mlp
-        gate = _linear(g, normed, mlp.gate_proj, f"{prefix}.mlp.gate_proj", level)
-        up = _linear(g, normed, mlp.up_proj, f"{prefix}.mlp.up_proj", level)
+        gate, up = _projections(
+            g,
+            normed,
+            {f"{prefix}.mlp.gate_proj": mlp.gate_proj, f"{prefix}.mlp.up_proj": mlp.up_proj},
+            f"{prefix}.mlp.gate_up_proj",
+            level,
+        )
         silu = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
         hidden = _linear(
-            g, g.one("Mul", [silu, up]), mlp.down_proj, f"{prefix}.mlp.down_proj", level
+            g, g.one("Mul", [silu, up]), [mlp.down_proj], f"{prefix}.mlp.down_proj", level
         )
     final = g.constant("model.norm.weight", decoder.norm.weight.detach().float().numpy())
     normed = g.node(
@@ -416,7 +487,7 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
         epsilon=eps,
         name="final_norm",
     )[0]
-    logits = _linear(g, normed, model.lm_head, "lm_head", level)
+    logits = _linear(g, normed, [model.lm_head], "lm_head", level)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
 
     cache_shape = ["batch", n_kv, "past_tokens", head_dim]

@@ -41,6 +41,11 @@ SCHEMES = {
         QuantizeConfig(bits=8, include=["*.self_attn.*"]),
         QuantizeConfig(bits=4, group_size=32, symmetric=False, include=["*.mlp.*"]),
     ],
+    # q and up INT8, the rest INT4: q/k/v and gate/up cannot share one matmul, so they stay apart.
+    "split": [
+        QuantizeConfig(bits=8, include=["*.q_proj", "*.up_proj"]),
+        QuantizeConfig(bits=4, group_size=32, symmetric=False, exclude=["*.q_proj", "*.up_proj"]),
+    ],
     # INT4 g32 everywhere, the tied head too: the embeddings use its table (GatherBlockQuantized).
     "edge": [
         QuantizeConfig(bits=4, group_size=32, symmetric=False),
@@ -95,8 +100,8 @@ def test_cli_writes_a_sealed_export(artifacts, tmp_path, caplog):
     )
     export = manifest["export"]
     assert export["format"] == "onnx" and export["accuracy_level"] == 4
-    # 2 layers × 7 projections + lm_head, the embeddings read the head's blocks.
-    assert export["ops"]["MatMulNBits"] == 15 and export["ops"]["GatherBlockQuantized"] == 1
+    # 2 layers × (qkv, o, gate‖up, down) + lm_head; the embeddings read the head's blocks.
+    assert export["ops"]["MatMulNBits"] == 9 and export["ops"]["GatherBlockQuantized"] == 1
     assert export["ops"]["GroupQueryAttention"] == 2 and "Gather" not in export["ops"]
     genai = json.loads((out / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
@@ -106,6 +111,15 @@ def test_cli_writes_a_sealed_export(artifacts, tmp_path, caplog):
     assert genai["model"]["context_length"] == 2048  # the tiny model's max positions
     # The table is stored once: the export is smaller than the head and embeddings in bf16.
     assert (out / "model.onnx").stat().st_size < 49152 * 64 * 2
+
+
+@pytest.mark.parametrize(
+    ("scheme", "nbits", "split"), [("mixed", 8, 2), ("split", 14, 0), ("edge", 9, 2)]
+)
+def test_layers_sharing_an_input_and_a_scheme_share_one_matmul(exports, scheme, nbits, split):
+    ops = json.loads((exports[scheme, 0] / "manifest.json").read_text())["export"]["ops"]
+    assert ops["MatMulNBits"] == nbits and ops.get("Split", 0) == split
+    assert ops.get("MatMul", 0) == (scheme != "edge")  # a float head
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
