@@ -171,6 +171,17 @@ def test_greedy_decoding_matches_torch(artifacts, exports):
     np.testing.assert_array_equal(tokens, expected.numpy())
 
 
+def test_cuda_execution_provider_matches_the_cpu(exports):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device (CUDAExecutionProvider absent)")
+    cpu = onnx_logits(exports["edge", 0])
+    lm = OnnxCausalLM(exports["edge", 0], providers=["CUDAExecutionProvider"])
+    assert "CUDAExecutionProvider" in lm.session.get_providers()
+    assert rel_diff(lm.forward(PROMPT, lm.empty_cache(1))[0], cpu) <= 1e-4
+
+
 def test_onnxruntime_genai_runs_the_export_as_written(exports):
     # genai reads genai_config.json, names the cache tensors itself and owns the decode loop:
     # its logits for the prompt and its greedy tokens must be ours.
