@@ -181,10 +181,10 @@ def bench_artifact(
     if spec is None:
         raise BadInputError(f"{artifact_dir}: the manifest names no source; pass --baseline")
     dtype = manifest.get("dtype", "bfloat16")
-    baseline_model, _ = load_model(resolve_source(ModelConfig(source=spec)), dtype)
     if runtime == "onnx":
-        baseline, artifact = _bench_onnx(artifact_dir, baseline_model, settings)
+        baseline, artifact = _bench_onnx(artifact_dir, spec, dtype, settings)
     else:
+        baseline_model, _ = load_model(resolve_source(ModelConfig(source=spec)), dtype)
         baseline = measure_torch(
             baseline_model, f"baseline ({dtype})", tensor_bytes(baseline_model), settings
         )
@@ -208,20 +208,23 @@ def bench_artifact(
 
 
 def _bench_onnx(
-    artifact_dir: Path, baseline_model: nn.Module, settings: BenchSettings
+    artifact_dir: Path, baseline_spec: str, dtype: str, settings: BenchSettings
 ) -> tuple[Speed, Speed]:
     """Both models exported into a temporary directory and run with ONNX Runtime: the
     baseline unquantized in float32, the artifact as `compress export --format onnx` writes it."""
+    from compress.models import load_model, resolve_source
     from compress.onnx.export import export_onnx, write_onnx_model
     from compress.onnx.graph import ExportOptions
+    from compress.recipe import ModelConfig
 
     length = settings.prompt_tokens + settings.new_tokens
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         baseline_dir = Path(tmp) / "baseline"
         baseline_dir.mkdir()
         options = ExportOptions(context_length=length, quantized_only=False)
-        write_onnx_model(baseline_model, baseline_dir, options)  # weights widen to float32
-        del baseline_model
+        model, _ = load_model(resolve_source(ModelConfig(source=baseline_spec)), dtype)
+        write_onnx_model(model, baseline_dir, options)  # weights widen to float32
+        del model  # only the ONNX Runtime session holds weights while it is timed
         baseline = measure_onnx(baseline_dir, "baseline (onnx float32)", settings)
         shutil.rmtree(baseline_dir)
         artifact_onnx = export_onnx(artifact_dir, Path(tmp) / "artifact", context_length=length)
