@@ -365,6 +365,17 @@ def _embedding(g: _GraphBuilder, model: nn.Module) -> str:
     )
 
 
+def _output_layer(g: _GraphBuilder, x: str, model: nn.Module, level: int) -> str:
+    """The lm_head. A float head tied to the embeddings reads the embedding table through a
+    Transpose, which ONNX Runtime folds once at load: the file holds the table once."""
+    head, table = model.lm_head, _decoder(model).embed_tokens.weight
+    tied = not isinstance(head, QuantLinear) and head.weight is table and head.bias is None
+    if not tied:
+        return _linear(g, x, [head], "lm_head", level)
+    transposed = g.one("Transpose", ["model.embed_tokens.weight"], perm=[1, 0], name="lm_head.t")
+    return g.one("MatMul", [x, transposed], name="lm_head/MatMul")
+
+
 def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
     """The ONNX ModelProto of `model` (call `check_exportable` first)."""
     from onnx import TensorProto, helper
@@ -487,7 +498,7 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
         epsilon=eps,
         name="final_norm",
     )[0]
-    logits = _linear(g, normed, [model.lm_head], "lm_head", level)
+    logits = _output_layer(g, normed, model, level)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
 
     cache_shape = ["batch", n_kv, "past_tokens", head_dim]
