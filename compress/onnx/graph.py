@@ -376,6 +376,33 @@ def _output_layer(g: _GraphBuilder, x: str, model: nn.Module, level: int) -> str
     return g.one("MatMul", [x, transposed], name="lm_head/MatMul")
 
 
+def _rms_norm(
+    g: _GraphBuilder, x: str, residual: str | None, norm: nn.Module, name: str, eps: float
+) -> tuple[str, str]:
+    """(RMSNorm(x + residual), x + residual): the residual add fused into the norm, as
+    SkipSimplifiedLayerNormalization does; the first norm of the model has no residual yet."""
+    weight = g.constant(f"{name}.weight", norm.weight.detach().float().numpy())
+    if residual is None:
+        normed = g.one(
+            "SimplifiedLayerNormalization",
+            [x, weight],
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+            name=f"{name}/norm",
+        )
+        return normed, x
+    normed, _, _, total = g.node(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, weight],
+        outputs=4,
+        domain=MS_DOMAIN,
+        epsilon=eps,
+        name=f"{name}/norm",
+    )
+    return normed, total
+
+
 def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
     """The ONNX ModelProto of `model` (call `check_exportable` first)."""
     from onnx import TensorProto, helper
@@ -409,29 +436,9 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
     residual = None
     for i, layer in enumerate(decoder.layers):
         prefix = f"model.layers.{i}"
-        ln1 = g.constant(
-            f"{prefix}.input_layernorm.weight",
-            layer.input_layernorm.weight.detach().float().numpy(),
+        normed, residual = _rms_norm(
+            g, hidden, residual, layer.input_layernorm, f"{prefix}.input_layernorm", eps
         )
-        if residual is None:
-            normed = g.one(
-                "SimplifiedLayerNormalization",
-                [hidden, ln1],
-                axis=-1,
-                epsilon=eps,
-                stash_type=1,
-                name=f"{prefix}/input_norm",
-            )
-            residual = hidden
-        else:
-            normed, _, _, residual = g.node(
-                "SkipSimplifiedLayerNormalization",
-                [hidden, residual, ln1],
-                outputs=4,
-                domain=MS_DOMAIN,
-                epsilon=eps,
-                name=f"{prefix}/input_norm",
-            )
         attn = layer.self_attn
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         if fusable(qkv):  # GroupQueryAttention takes packed QKV and splits it itself
@@ -465,17 +472,13 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
             scale=float(attn.scaling),
         )[0]
         hidden = _linear(g, context, [attn.o_proj], f"{prefix}.self_attn.o_proj", level)
-        ln2 = g.constant(
-            f"{prefix}.post_attention_layernorm.weight",
-            layer.post_attention_layernorm.weight.detach().float().numpy(),
-        )
-        normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [hidden, residual, ln2],
-            outputs=4,
-            domain=MS_DOMAIN,
-            epsilon=eps,
-            name=f"{prefix}/post_attention_norm",
+        normed, residual = _rms_norm(
+            g,
+            hidden,
+            residual,
+            layer.post_attention_layernorm,
+            f"{prefix}.post_attention_layernorm",
+            eps,
         )
         mlp = layer.mlp
         gate, up = _projections(
@@ -489,15 +492,7 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
         hidden = _linear(
             g, g.one("Mul", [silu, up]), [mlp.down_proj], f"{prefix}.mlp.down_proj", level
         )
-    final = g.constant("model.norm.weight", decoder.norm.weight.detach().float().numpy())
-    normed = g.node(
-        "SkipSimplifiedLayerNormalization",
-        [hidden, residual, final],
-        outputs=4,
-        domain=MS_DOMAIN,
-        epsilon=eps,
-        name="final_norm",
-    )[0]
+    normed, _ = _rms_norm(g, hidden, residual, decoder.norm, "model.norm", eps)
     logits = _output_layer(g, normed, model, level)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
 

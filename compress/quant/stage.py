@@ -206,9 +206,9 @@ def _share_quantized_head_with_embeddings(
     """
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {id(m): n for n, m in model.named_modules()}
     if not (getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantLinear)):
         return False
+    names = {id(m): n for n, m in model.named_modules()}
     if names.get(id(head)) not in quantized:
         return False
     embeddings = model.get_input_embeddings()
