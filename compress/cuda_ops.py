@@ -14,6 +14,7 @@ logged, and `compress::dequant_matmul` keeps its pure-PyTorch implementation.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).resolve().parents[1] / "cuda_ext").glob("*.cu"))
+CUDA_EXT_DIR = Path(__file__).resolve().parents[1] / "cuda_ext"
+SOURCES = sorted(CUDA_EXT_DIR.glob("*.cu"))
 PREBUILT_MODULE = "compress._cuda_ext"
 # sm_80 (A100) and sm_90 (H100): the targets the kernels are written for. setup.py passes the
 # same flags (it cannot import this package while building it).
@@ -44,9 +46,13 @@ def _jit_build() -> None:
 
     if not SOURCES:
         raise RuntimeError("cuda_ext/*.cu not found (an installed wheel without sources?)")
-    log.info("building the CUDA kernels from %s (first use; cached afterwards)", SOURCES[0].parent)
+    log.info("building the CUDA kernels from %s (first use; cached afterwards)", CUDA_EXT_DIR)
+    # The name carries a digest of every file in cuda_ext/: torch's JIT cache hashes only the
+    # listed sources, and the kernels live in a header (dequant_matmul_kernels.cuh).
+    files = sorted(CUDA_EXT_DIR.glob("*.cu")) + sorted(CUDA_EXT_DIR.glob("*.cuh"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     load(
-        name="compress_cuda_ext",
+        name=f"compress_cuda_ext_{digest}",
         sources=[str(s) for s in SOURCES],
         extra_cuda_cflags=NVCC_FLAGS,
         extra_cflags=["-O3"],

@@ -98,6 +98,18 @@ def test_raw_gemv_writes_every_output():
         assert (out.float().cpu() - expected).norm() / expected.norm() < 2e-3
 
 
+def test_gemv_takes_unaligned_activations():
+    """The kernel reads x as 16-byte vectors; the op copies a view that is not aligned."""
+    n, k, spec = 64, 256, QuantSpec(4, 128, True)
+    packed, reference = _case(n, k, spec, torch.float16, seed=5)
+    weight_packed, scale, zero = _on_gpu(packed)
+    buffer = torch.randn(k + 8, device="cuda", dtype=torch.float16)
+    x = buffer[1 : 1 + k].view(1, k)  # 2 bytes past an aligned address
+    out = torch.ops.compress_cuda.gemv(x, weight_packed, scale, zero, 4, 128, k)
+    expected = x.float().cpu() @ reference.t()
+    assert (out.float().cpu() - expected).norm() / expected.norm() < 2e-3
+
+
 def test_dequantize_kernel_is_exact():
     n, k, spec = 256, 576, QuantSpec(4, 64, False)
     packed, reference = _case(n, k, spec, torch.bfloat16, seed=2)

@@ -1,0 +1,112 @@
+"""cuda_ext's kernels run on the CPU: `cuda_ext/dequant_matmul_kernels.cuh` compiled by the host
+C++ compiler against `cuda_emulator.h` (fibers for CUDA threads, emulated barriers and
+shuffles, the toolkit's own fp16/bf16 conversions), loaded with ctypes.
+
+This proves on a machine without a GPU what a GPU run would: that the kernels compute the
+right numbers for every shape, scheme and row count, and that their launch plans cover every
+output. It says nothing about speed. Building needs g++ and the CUDA toolkit's headers
+(`cuda_fp16.h`); `load()` returns the reason instead when either is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+KERNELS_DIR = HERE.parents[2] / "cuda_ext"
+SOURCES = (
+    HERE / "emulated_ops.cpp",
+    HERE / "cuda_emulator.h",
+    KERNELS_DIR / "dequant_matmul_kernels.cuh",
+)
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include directory: $CUDA_HOME, /usr/local/cuda, or beside nvcc."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for root in filter(None, candidates):
+        include = Path(root) / "include"
+        if (include / "cuda_fp16.h").is_file():
+            return include
+    return None
+
+
+def _build(include: Path) -> Path:
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    library = Path(tempfile.gettempdir()) / "compress-cuda-emulator" / f"emulated_ops-{digest}.so"
+    if library.is_file():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    command = [
+        "g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+        f"-I{include}", f"-I{KERNELS_DIR}", str(SOURCES[0]), "-o", str(partial),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulator failed:\n{result.stderr[-4000:]}")
+    partial.replace(library)  # atomic: a concurrent run never loads half a file
+    return library
+
+
+class EmulatedKernels:
+    """The emulated `compress_cuda` ops on CPU tensors, with the CUDA op's argument order."""
+
+    def __init__(self, library: Path) -> None:
+        self._lib = ctypes.CDLL(str(library))
+        for name in ("emulated_gemv", "emulated_dequantize"):
+            getattr(self._lib, name).restype = ctypes.c_char_p
+
+    @staticmethod
+    def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p:
+        return ctypes.c_void_p(None if tensor is None else tensor.data_ptr())
+
+    @staticmethod
+    def _check(problem: bytes) -> None:
+        if problem:
+            raise RuntimeError(f"emulated kernel: {problem.decode()}")
+
+    def gemv(self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):
+        """x (M, K) @ dequantized weight → (M, N), into `out` when given (to poison it first)."""
+        m, n = x.shape[0], weight_packed.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype) if out is None else out
+        group_len = in_features if group_size == -1 else group_size
+        problem = self._lib.emulated_gemv(
+            DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
+            self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len,
+        )  # fmt: skip
+        self._check(problem)
+        return out
+
+    def dequantize(self, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):
+        n = weight_packed.shape[0]
+        out = torch.empty(n, in_features, dtype=scale.dtype) if out is None else out
+        group_len = in_features if group_size == -1 else group_size
+        problem = self._lib.emulated_dequantize(
+            DTYPE_CODES[scale.dtype], bits, self._ptr(weight_packed), self._ptr(scale),
+            self._ptr(zero_point), self._ptr(out), n, in_features, group_len,
+        )  # fmt: skip
+        self._check(problem)
+        return out
+
+
+def load() -> EmulatedKernels | str:
+    """The emulated kernels, or why they cannot be built here."""
+    if shutil.which("g++") is None:
+        return "no g++ on PATH to compile the CUDA emulator"
+    include = cuda_include_dir()
+    if include is None:
+        return "the CUDA toolkit headers (cuda_fp16.h) are not installed; set CUDA_HOME"
+    return EmulatedKernels(_build(include))

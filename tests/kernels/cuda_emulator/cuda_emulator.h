@@ -1,0 +1,270 @@
+// A CPU stand-in for the part of the CUDA execution model cuda_ext's kernels use, so that
+// the kernels' own source (cuda_ext/dequant_matmul_kernels.cuh) runs, and is tested, on a
+// machine without a GPU. It is test code: slow, single-threaded, and strict.
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
+// another. Fibers run until they reach a barrier:
+//   - __syncthreads() waits for every thread of the block that has not exited;
+//   - __shfl_xor_sync() is a warp barrier: each lane posts its value, and once the whole warp
+//     has posted, each reads its partner's (double-buffered by barrier generation).
+// What real hardware would leave undefined is reported instead of guessed: a full-mask
+// shuffle in a warp with exited lanes, a barrier nobody can complete (deadlock), a
+// misaligned vector load through __ldg, a write past the dynamic shared memory the launch
+// asked for. Dynamic shared memory starts as 0xFF bytes (NaN as float) in every block, so a
+// read before a write poisons the result. The first problem of a launch is kept and returned.
+//
+// Half-precision types and their conversions are the CUDA toolkit's own host implementations
+// (cuda_fp16.h, cuda_bf16.h), so rounding matches the device.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ucontext.h>
+#include <vector_types.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#define __launch_bounds__(...)
+
+namespace cuda_emu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr size_t kSharedCanaryBytes = 64;
+constexpr unsigned char kPoison = 0xFF;
+
+enum class State { kReady, kWaiting, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  uint3 index;
+  State state = State::kReady;
+};
+
+struct Barrier {
+  int arrived = 0;
+  unsigned long generation = 0;
+};
+
+// One block's threads and barriers. One block runs at a time, so one global instance.
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = -1;
+  uint3 block_index;
+  dim3 block_dim;
+  dim3 grid_dim;
+  int live = 0;
+  std::vector<int> live_in_warp;
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<uint64_t> shuffle_slots;  // (warps, 2 generations, 32 lanes)
+  std::vector<unsigned char> shared;    // dynamic shared memory + canary
+  size_t shared_bytes = 0;
+  std::function<void()> body;
+  std::string error;
+};
+
+inline Block* g_block = nullptr;
+
+inline void report(const std::string& problem) {
+  if (g_block->error.empty()) g_block->error = problem;
+}
+
+inline int linear_thread(const Fiber& f) {
+  const dim3& d = g_block->block_dim;
+  return static_cast<int>(f.index.x + d.x * (f.index.y + d.y * f.index.z));
+}
+
+inline void release(Barrier& barrier, int warp /* -1: the block barrier */) {
+  barrier.arrived = 0;
+  ++barrier.generation;
+  for (Fiber& f : g_block->fibers) {
+    if (f.state == State::kWaiting && (warp < 0 || linear_thread(f) / kWarpSize == warp)) {
+      f.state = State::kReady;
+    }
+  }
+}
+
+// Arrive at a barrier that `expected` threads must reach; yield until they have.
+inline void arrive(Barrier& barrier, int expected, int warp) {
+  Fiber& self = g_block->fibers[g_block->current];
+  if (++barrier.arrived >= expected) {
+    release(barrier, warp);
+    return;
+  }
+  self.state = State::kWaiting;
+  swapcontext(&self.context, &g_block->scheduler);
+}
+
+inline void fiber_entry() {
+  Block& b = *g_block;
+  b.body();
+  Fiber& self = b.fibers[b.current];
+  self.state = State::kDone;
+  const int warp = linear_thread(self) / kWarpSize;
+  --b.live;
+  --b.live_in_warp[warp];
+  // An exited thread no longer holds back __syncthreads (as on sm_70+).
+  if (b.block_barrier.arrived > 0 && b.block_barrier.arrived >= b.live) release(b.block_barrier, -1);
+  if (b.warp_barriers[warp].arrived > 0) {
+    report("lane " + std::to_string(linear_thread(self) % kWarpSize) + " of warp " +
+           std::to_string(warp) + " exited while its warp waits in a shuffle");
+    release(b.warp_barriers[warp], warp);
+  }
+}  // returns to uc_link: the scheduler
+
+// Run every fiber of the block until all have exited or none can move.
+inline void run_block(std::vector<std::vector<char>>& stacks) {
+  Block& b = *g_block;
+  for (size_t i = 0; i < b.fibers.size(); ++i) {
+    Fiber& f = b.fibers[i];
+    f.state = State::kReady;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = stacks[i].data();
+    f.context.uc_stack.ss_size = stacks[i].size();
+    f.context.uc_link = &b.scheduler;
+    makecontext(&f.context, fiber_entry, 0);
+  }
+  for (;;) {
+    bool moved = false;
+    bool all_done = true;
+    for (size_t i = 0; i < b.fibers.size(); ++i) {
+      if (b.fibers[i].state == State::kReady) {
+        b.current = static_cast<int>(i);
+        swapcontext(&b.scheduler, &b.fibers[i].context);
+        moved = true;
+      }
+      all_done = all_done && b.fibers[i].state == State::kDone;
+    }
+    if (all_done) return;
+    if (!moved) {
+      report("deadlock in block " + std::to_string(b.block_index.x) +
+             ": threads wait at a barrier the others never reach");
+      return;
+    }
+  }
+}
+
+// Where a launch reports its first problem: the emulator's stand-in for a CUDA stream.
+struct Stream {
+  std::string* error;
+};
+
+// kernel<<<grid, block, shared_bytes>>>(args...), one block at a time; "" when all went well.
+template <typename Kernel, typename... Args>
+std::string launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+  Block b;
+  g_block = &b;
+  b.grid_dim = grid;
+  b.block_dim = block;
+  b.shared_bytes = shared_bytes;
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  const int warps = (threads + kWarpSize - 1) / kWarpSize;
+  b.fibers.resize(threads);
+  std::vector<std::vector<char>> stacks(threads, std::vector<char>(kStackBytes));
+  b.body = [&] { kernel(args...); };
+  for (unsigned bz = 0; bz < grid.z && b.error.empty(); ++bz) {
+    for (unsigned by = 0; by < grid.y && b.error.empty(); ++by) {
+      for (unsigned bx = 0; bx < grid.x && b.error.empty(); ++bx) {
+        b.block_index = uint3{bx, by, bz};
+        for (int t = 0; t < threads; ++t) {
+          const unsigned x = t % block.x, y = (t / block.x) % block.y, z = t / (block.x * block.y);
+          b.fibers[t].index = uint3{x, y, z};
+        }
+        b.live = threads;
+        b.live_in_warp.assign(warps, kWarpSize);
+        if (threads % kWarpSize != 0) b.live_in_warp.back() = threads % kWarpSize;
+        b.block_barrier = Barrier{};
+        b.warp_barriers.assign(warps, Barrier{});
+        b.shuffle_slots.assign(static_cast<size_t>(warps) * 2 * kWarpSize, 0);
+        b.shared.assign(shared_bytes + kSharedCanaryBytes, kPoison);
+        run_block(stacks);
+        for (size_t i = shared_bytes; i < b.shared.size(); ++i) {
+          if (b.shared[i] != kPoison) {
+            report("block " + std::to_string(bx) + " wrote past its " +
+                   std::to_string(shared_bytes) + " bytes of dynamic shared memory");
+            break;
+          }
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+  return b.error;
+}
+
+inline uint64_t shuffle_bits(unsigned mask, uint64_t bits, int source_lane) {
+  Block& b = *g_block;
+  const int thread = linear_thread(b.fibers[b.current]);
+  const int warp = thread / kWarpSize;
+  const int lane = thread % kWarpSize;
+  if (mask != 0xffffffffu) report("the emulator supports full-mask shuffles only");
+  if (b.live_in_warp[warp] != kWarpSize) {
+    report("full-mask shuffle in warp " + std::to_string(warp) + " with " +
+           std::to_string(b.live_in_warp[warp]) + " live lanes");
+  }
+  Barrier& barrier = b.warp_barriers[warp];
+  const size_t base = (static_cast<size_t>(warp) * 2 + (barrier.generation & 1)) * kWarpSize;
+  b.shuffle_slots[base + lane] = bits;
+  arrive(barrier, b.live_in_warp[warp], warp);
+  return b.shuffle_slots[base + (source_lane & (kWarpSize - 1))];
+}
+
+}  // namespace cuda_emu
+
+// ---------------------------------------------------------- the CUDA names the kernels use
+
+#define threadIdx (::cuda_emu::g_block->fibers[::cuda_emu::g_block->current].index)
+#define blockIdx (::cuda_emu::g_block->block_index)
+#define blockDim (::cuda_emu::g_block->block_dim)
+#define gridDim (::cuda_emu::g_block->grid_dim)
+
+inline void __syncthreads() {
+  cuda_emu::arrive(cuda_emu::g_block->block_barrier, cuda_emu::g_block->live, -1);
+}
+
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+  static_assert(sizeof(V) <= sizeof(uint64_t), "shuffled values are at most 8 bytes");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(V));
+  const int lane = cuda_emu::linear_thread(cuda_emu::g_block->fibers[cuda_emu::g_block->current]) %
+                   cuda_emu::kWarpSize;
+  bits = cuda_emu::shuffle_bits(mask, bits, lane ^ lane_mask);
+  std::memcpy(&value, &bits, sizeof(V));
+  return value;
+}
+
+// A read-only cache load; vector types must be aligned to their size, as on the device.
+template <typename V>
+V __ldg(const V* address) {
+  if (reinterpret_cast<uintptr_t>(address) % alignof(V) != 0) {
+    cuda_emu::report("misaligned __ldg of a " + std::to_string(sizeof(V)) + "-byte value");
+  }
+  return *address;
+}
+
+inline float __uint_as_float(unsigned int bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+template <typename T>
+T* compress_shared_memory() {
+  return reinterpret_cast<T*>(cuda_emu::g_block->shared.data());
+}
+
+#define COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, ...)                \
+  do {                                                                                  \
+    std::string problem = ::cuda_emu::launch(kernel, grid, block, shared_bytes, __VA_ARGS__); \
+    if ((stream).error->empty()) *(stream).error = problem;                             \
+  } while (0)

@@ -1,0 +1,53 @@
+// cuda_ext's kernels and launch plans (cuda_ext/dequant_matmul_kernels.cuh), compiled for the
+// CPU against cuda_emulator.h, behind a C ABI for ctypes (tests/kernels/cuda_emulator.py).
+// Each entry point returns "" when the launch went well, else the emulator's first problem.
+
+#include "cuda_emulator.h"
+#include "dequant_matmul_kernels.cuh"
+
+namespace {
+
+thread_local std::string g_error;
+
+template <typename Fn>
+const char* run(Fn&& fn) {
+  g_error.clear();
+  fn(cuda_emu::Stream{&g_error});
+  return g_error.c_str();
+}
+
+}  // namespace
+
+// dtype: 0 float16, 1 bfloat16. zero_packed may be null (symmetric).
+extern "C" const char* emulated_gemv(int dtype, int bits, const void* x, const int32_t* packed,
+                                     const void* scale, const int32_t* zero_packed, void* out,
+                                     int M, int N, int K, int group_len) {
+  return run([&](cuda_emu::Stream stream) {
+    auto call = [&](auto tag) {
+      using T = decltype(tag);
+      const T* xp = static_cast<const T*>(x);
+      const T* sp = static_cast<const T*>(scale);
+      T* op = static_cast<T*>(out);
+      if (bits == 4) compress_kernels::gemv<T, 4>(xp, packed, sp, zero_packed, op, M, N, K, group_len, stream);
+      else compress_kernels::gemv<T, 8>(xp, packed, sp, zero_packed, op, M, N, K, group_len, stream);
+    };
+    if (dtype == 0) call(__half{});
+    else call(__nv_bfloat16{});
+  });
+}
+
+extern "C" const char* emulated_dequantize(int dtype, int bits, const int32_t* packed,
+                                           const void* scale, const int32_t* zero_packed,
+                                           void* out, int N, int K, int group_len) {
+  return run([&](cuda_emu::Stream stream) {
+    auto call = [&](auto tag) {
+      using T = decltype(tag);
+      const T* sp = static_cast<const T*>(scale);
+      T* op = static_cast<T*>(out);
+      if (bits == 4) compress_kernels::dequantize<T, 4>(packed, sp, zero_packed, op, N, K, group_len, stream);
+      else compress_kernels::dequantize<T, 8>(packed, sp, zero_packed, op, N, K, group_len, stream);
+    };
+    if (dtype == 0) call(__half{});
+    else call(__nv_bfloat16{});
+  });
+}

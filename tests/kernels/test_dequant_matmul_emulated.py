@@ -1,0 +1,177 @@
+"""cuda_ext's own kernel source, run on the CPU by the CUDA emulator, against float32 references.
+
+The GPU tests (test_dequant_matmul_cuda.py) need a device; these run the same kernels and
+launch plans (cuda_ext/dequant_matmul_kernels.cuh) everywhere, one fiber per CUDA thread,
+so the indexing, the packed-layout reads, the split-K reduction and the row tiling are
+proven on every CI run. Inputs and outputs sit between guard bands (NaN for floating
+tensors), outputs start as NaN: a read out of bounds poisons the result, a write out of
+bounds or a missed output is seen.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compress import cuda_ops
+from compress.kernels import CUDA_GEMV_MAX_ROWS, _dequant_matmul_cuda
+from compress.quant.config import PER_CHANNEL
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from tests.kernels import cuda_emulator
+
+# Every accumulator tile (1, 2, 4, 8, 16 rows), full and partly filled.
+ROWS = (1, 2, 3, 4, 7, 9, CUDA_GEMV_MAX_ROWS)
+SCHEMES = [
+    QuantSpec(4, 32, True),
+    QuantSpec(4, 64, False),
+    QuantSpec(4, 128, False),
+    QuantSpec(8, PER_CHANNEL, True),
+    QuantSpec(8, PER_CHANNEL, False),
+]
+# (N, K): N = 13 leaves the last block of 2 or 4 rows partly empty; K = odd multiples of the
+# group, one K long enough that each lane takes a second, partial step along K, and the demo
+# model's hidden size (where the group divides it).
+SHAPES = [(13, 384), (5, 1408), (3, 576)]
+# Relative Frobenius error against float32: fp16 / bf16 activations and outputs (11 / 8
+# significant bits), float32 accumulation. An indexing mistake gives errors near 1.
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GUARD_BYTES = 64  # keeps the guarded tensors 16-byte aligned, as the CUDA allocator does
+
+
+@pytest.fixture(scope="module")
+def emulator() -> cuda_emulator.EmulatedKernels:
+    kernels = cuda_emulator.load()
+    if isinstance(kernels, str):
+        pytest.skip(f"cannot build the CUDA emulator: {kernels}")
+    return kernels
+
+
+def guarded(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of `tensor` inside a buffer with guard bands: (view, whole buffer)."""
+    pad = GUARD_BYTES // tensor.element_size()
+    fill = float("nan") if tensor.is_floating_point() else -(2**31)
+    buffer = torch.full((tensor.numel() + 2 * pad,), fill, dtype=tensor.dtype)
+    view = buffer[pad : pad + tensor.numel()].view(tensor.shape)
+    view.copy_(tensor)
+    return view, buffer
+
+
+def assert_guards_intact(buffer: torch.Tensor, length: int) -> None:
+    pad = GUARD_BYTES // buffer.element_size()
+    for band in (buffer[:pad], buffer[pad + length :]):
+        if buffer.is_floating_point():
+            assert torch.isnan(band).all(), "a kernel wrote outside its output"
+        else:
+            assert (band == -(2**31)).all(), "a kernel wrote outside its output"
+
+
+def make_case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    qparams = choose_qparams(weight, spec, dtype)
+    q = quantize(weight, qparams, spec)
+    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
+    reference = dequantize(q, qparams, spec, dtype=torch.float32)
+    operands = [
+        None if t is None else guarded(t)[0]
+        for t in (packed.weight_packed, packed.weight_scale, packed.weight_zero_point)
+    ]
+    return operands, reference
+
+
+def spec_id(spec: QuantSpec) -> str:
+    return f"int{spec.bits}-g{spec.group_size}-{'sym' if spec.symmetric else 'asym'}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
+def test_gemv_matches_float32_reference(emulator, spec, dtype):
+    for n, k in filter(lambda shape: spec.divides(shape[1]), SHAPES):
+        (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=n * k)
+        for m in ROWS:
+            gen = torch.Generator().manual_seed(m)
+            x, _ = guarded(torch.randn(m, k, generator=gen).to(dtype))
+            out, out_buffer = guarded(torch.full((m, n), float("nan"), dtype=dtype))
+            emulator.gemv(x, weight_packed, scale, zero, spec.bits, spec.group_size, k, out=out)
+            assert_guards_intact(out_buffer, m * n)
+            assert torch.isfinite(out).all(), f"M={m}, N={n}, K={k}: outputs not written"
+            expected = x.float() @ reference.t()
+            error = float((out.float() - expected).norm() / expected.norm())
+            assert error < REL_TOL[dtype], (m, n, k, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
+def test_dequantize_is_bit_exact(emulator, spec, dtype):
+    n, k = 37, 384
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=7)
+    out, out_buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
+    emulator.dequantize(weight_packed, scale, zero, spec.bits, spec.group_size, k, out=out)
+    assert_guards_intact(out_buffer, n * k)
+    # (q − z)·s in float32, rounded once: what dequantize_packed computes on the CPU.
+    assert torch.equal(out, reference.to(dtype))
+
+
+def test_gemv_rows_are_independent(emulator):
+    """Row m of the output depends on row m of x only: no tile mixes its accumulators."""
+    n, k, spec = 13, 384, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float16, seed=3)
+    x = torch.randn(CUDA_GEMV_MAX_ROWS, k, generator=torch.Generator().manual_seed(3)).half()
+    together = emulator.gemv(x, weight_packed, scale, zero, 4, 64, k)
+    for m in (0, 5, CUDA_GEMV_MAX_ROWS - 1):
+        alone = emulator.gemv(x[m : m + 1].clone(), weight_packed, scale, zero, 4, 64, k)
+        # The same per-row arithmetic in the same order, whatever the tile: bit-identical.
+        assert torch.equal(together[m], alone[0]), m
+
+
+def test_emulator_reports_a_misaligned_vector_load(emulator):
+    """The kernel reads activations as 16-byte vectors; the CUDA op copies unaligned x first.
+
+    On the device a misaligned vector load faults; the emulator must report it, not read it.
+    """
+    n, k, spec = 4, 256, QuantSpec(4, 128, True)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float16, seed=4)
+    buffer = torch.randn(k + 8).half()
+    misaligned = buffer[1 : 1 + k].view(1, k)  # 2 bytes past a 16-byte boundary
+    with pytest.raises(RuntimeError, match="misaligned __ldg"):
+        emulator.gemv(misaligned, weight_packed, scale, zero, 4, 128, k)
+
+
+@pytest.fixture
+def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
+    """`torch.ops.compress_cuda` as cuda_ops.load() provides it, run by the emulator on CPU;
+    the list names the ops called."""
+    calls: list[str] = []
+
+    def recorded(name, op):
+        def call(*args):
+            calls.append(name)
+            return op(*args)
+
+        return call
+
+    ops = SimpleNamespace(
+        gemv=recorded("gemv", emulator.gemv), dequantize=recorded("dequantize", emulator.dequantize)
+    )
+    monkeypatch.setattr(torch.ops, "compress_cuda", ops)
+    monkeypatch.setattr(cuda_ops, "load", lambda: True)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("leading", "kernel"), [((1,), "gemv"), ((3, 5), "gemv"), ((2, 20), "dequantize")]
+)
+def test_cuda_dispatch_splits_rows_between_the_kernels(emulated_cuda_ops, leading, kernel):
+    """compress::dequant_matmul's CUDA kernel: GEMV up to 16 rows, dequantize + matmul above,
+    for any leading shape, with the emulated ops in place of the compiled ones."""
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.bfloat16, seed=5)
+    x = torch.randn(*leading, k, generator=torch.Generator().manual_seed(5)).bfloat16()
+    got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+    assert emulated_cuda_ops == [kernel]
+    assert got.shape == (*leading, n) and got.dtype == torch.bfloat16
+    expected = x.float() @ reference.t()
+    assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.bfloat16]
