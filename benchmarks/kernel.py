@@ -1,10 +1,12 @@
 """Dequantize-matmul kernel speed on Llama-3-8B layer shapes (needs a CUDA GPU).
 
 For each (K, N) of Llama-3-8B's projections and M ∈ {1, 4, 16, 64}: our op's time
-(`compress::dequant_matmul`, cuda_ext kernels), FP16 cuBLAS (`torch.matmul` on the dense
-weight), dequantize + cuBLAS, the speedup over FP16, the achieved bandwidth (packed weight +
-scales + activations + output bytes over time) and its share of the device's copy bandwidth,
-measured in the same run with a large device-to-device copy.
+(`compress::dequant_matmul`, which picks a cuda_ext kernel by M), FP16 cuBLAS (`torch.matmul`
+on the dense weight), dequantize + cuBLAS, the speedup over FP16, the achieved bandwidth
+(packed weight + scales + activations + output bytes over time) and its share of the device's
+copy bandwidth, measured in the same run with a large device-to-device copy. The GEMV
+(M ≤ 16) and tensor-core (M ≤ 64) kernels are also timed on their own, so that the row
+limits in compress/kernels.py can be set from one run.
 
 Timing: CUDA events around `--iters` calls after `--warmup` calls, median of `--repeats`
 rounds; the L2 cache is flushed between rounds by writing a buffer larger than it.
@@ -22,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from compress import cuda_ops
-from compress.kernels import dequantize_packed
+from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS, cuda_path, dequantize_packed
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, quantize
 
@@ -50,16 +52,33 @@ def time_ms(fn: Callable[[], object], warmup: int, iters: int, repeats: int) -> 
 
 
 def measure(
-    x: torch.Tensor, op_args: tuple, dense: torch.Tensor, args: argparse.Namespace
-) -> tuple[float, float, float]:
-    """Milliseconds per call: our op, FP16 cuBLAS on the dense weight, dequantize + cuBLAS."""
+    x: torch.Tensor,
+    op_args: tuple,
+    dense: torch.Tensor,
+    mma_capable: bool,
+    args: argparse.Namespace,
+) -> dict[str, float | None]:
+    """Milliseconds per call: our op, FP16 cuBLAS on the dense weight, dequantize + cuBLAS,
+    and each of our kernels where it takes this many rows (None where not)."""
     timing = (args.warmup, args.iters, args.repeats)
-    ours = time_ms(lambda: OP(x, *op_args), *timing)
-    cublas = time_ms(lambda: torch.matmul(x, dense.t()), *timing)
-    two_step = time_ms(
-        lambda: torch.matmul(x, torch.ops.compress_cuda.dequantize(*op_args).t()), *timing
-    )
-    return ours, cublas, two_step
+    ops = torch.ops.compress_cuda
+    rows = x.shape[0]
+    # The tensor-core kernel takes these shapes if the op would send it its largest M.
+    mma_shapes = cuda_path(CUDA_MMA_MAX_ROWS, *op_args[3:], mma_capable=mma_capable) == "mma"
+    mma_ok = mma_shapes and rows <= CUDA_MMA_MAX_ROWS
+    return {
+        "ours": time_ms(lambda: OP(x, *op_args), *timing),
+        "cublas": time_ms(lambda: torch.matmul(x, dense.t()), *timing),
+        "two_step": time_ms(lambda: torch.matmul(x, ops.dequantize(*op_args).t()), *timing),
+        "gemv": time_ms(lambda: ops.gemv(x, *op_args), *timing)
+        if rows <= CUDA_GEMV_MAX_ROWS
+        else None,
+        "mma": time_ms(lambda: ops.mma_gemm(x, *op_args), *timing) if mma_ok else None,
+    }
+
+
+def _us(ms: float | None) -> str:
+    return "–" if ms is None else f"{ms * 1e3:.1f}"
 
 
 def copy_bandwidth_gbs(args: argparse.Namespace) -> float:
@@ -96,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     spec = QuantSpec(args.bits, args.group_size, not args.asymmetric)
     peak = copy_bandwidth_gbs(args)
+    mma_capable = torch.cuda.get_device_capability() >= (8, 0)
     lines = [
         f"## dequant_matmul: INT{args.bits} g{args.group_size} "
         f"{'asym' if args.asymmetric else 'sym'}, {args.dtype}, "
@@ -103,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Measured copy bandwidth: {peak:.0f} GB/s.",
         "",
-        "| K×N | M | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) | speedup vs FP16 "
-        "| GB/s | % of copy bw |",
-        "|---|---|---|---|---|---|---|---|",
+        "| K×N | M | path | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) "
+        "| speedup vs FP16 | GB/s | % of copy bw | GEMV (µs) | tensor cores (µs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, n in SHAPES:
         packed = make_weight(k, n, spec, dtype)
@@ -121,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            ours, cublas, two_step = measure(x, op_args, dense, args)
+            t = measure(x, op_args, dense, mma_capable, args)
+            path = cuda_path(m, *op_args[3:], mma_capable=mma_capable)
             moved = weight_bytes + (m * k + m * n) * x.element_size()
-            gbs = moved / (ours * 1e-3) / 1e9
+            gbs = moved / (t["ours"] * 1e-3) / 1e9
             lines.append(
-                f"| {k}×{n} | {m} | {ours * 1e3:.1f} | {cublas * 1e3:.1f} | {two_step * 1e3:.1f} "
-                f"| {cublas / ours:.2f}× | {gbs:.0f} | {100 * gbs / peak:.0f}% |"
+                f"| {k}×{n} | {m} | {path} | {t['ours'] * 1e3:.1f} | {t['cublas'] * 1e3:.1f} "
+                f"| {t['two_step'] * 1e3:.1f} | {t['cublas'] / t['ours']:.2f}× | {gbs:.0f} "
+                f"| {100 * gbs / peak:.0f}% | {_us(t['gemv'])} | {_us(t['mma'])} |"
             )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

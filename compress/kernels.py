@@ -14,6 +14,7 @@ rows a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -152,9 +153,36 @@ def _dequant_matmul_fake(
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
 
-# The largest number of rows the CUDA GEMV kernel takes; above it the weight is dequantized
-# once by the CUDA kernel and multiplied by cuBLAS.
+# Which cuda_ext kernel takes how many rows (M). GEMV on CUDA cores up to CUDA_GEMV_ROWS; the
+# tensor-core GEMM up to CUDA_MMA_MAX_ROWS where it can run (sm_80+, K and the group size
+# multiples of its slice, 16-byte aligned rows), else GEMV up to CUDA_GEMV_MAX_ROWS; above,
+# the weight is dequantized once by the CUDA kernel and multiplied by cuBLAS.
+# CUDA_GEMV_ROWS is a first guess, to be set from benchmarks/kernel.py's per-path columns.
+CUDA_GEMV_ROWS = 4
 CUDA_GEMV_MAX_ROWS = 16
+CUDA_MMA_MAX_ROWS = 64
+
+
+def mma_slice(bits: int) -> int:
+    """K covered by one thread's 16 bytes of codes in the tensor-core GEMM."""
+    return 4 * (32 // bits)
+
+
+def cuda_path(rows: int, bits: int, group_size: int, in_features: int, *, mma_capable: bool) -> str:
+    """The cuda_ext kernel for `rows` activation rows: "gemv", "mma" or "dequantize"."""
+    group_len = in_features if group_size == PER_CHANNEL else group_size
+    slice_k = mma_slice(bits)
+    mma = mma_capable and in_features % slice_k == 0 and group_len % slice_k == 0
+    if 0 < rows <= CUDA_GEMV_ROWS or (0 < rows <= CUDA_GEMV_MAX_ROWS and not mma):
+        return "gemv"
+    if mma and 0 < rows <= CUDA_MMA_MAX_ROWS:
+        return "mma"
+    return "dequantize"
+
+
+@functools.cache
+def _has_mma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # mma.sync m16n8k16
 
 
 @dequant_matmul.register_kernel("cuda")
@@ -177,10 +205,15 @@ def _dequant_matmul_cuda(
             x, weight_packed, scale, zero_point, bits, group_size, in_features
         )
     rows = x.reshape(-1, in_features)
+    weight_packed = weight_packed.contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
-    args = (weight_packed.contiguous(), scale.contiguous(), zero, bits, group_size)
-    if 0 < rows.shape[0] <= CUDA_GEMV_MAX_ROWS:
+    args = (weight_packed, scale.contiguous(), zero, bits, group_size)
+    mma_capable = weight_packed.data_ptr() % 16 == 0 and _has_mma(weight_packed.device)
+    path = cuda_path(rows.shape[0], bits, group_size, in_features, mma_capable=mma_capable)
+    if path == "gemv":
         out = torch.ops.compress_cuda.gemv(rows.contiguous(), *args, in_features)
+    elif path == "mma":
+        out = torch.ops.compress_cuda.mma_gemm(rows.contiguous(), *args, in_features)
     else:
         weight = torch.ops.compress_cuda.dequantize(*args, in_features)
         out = torch.nn.functional.linear(rows, weight)

@@ -8,6 +8,8 @@
 //   gemv(x (M, K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
 //       → (M, N), for decode shapes (M ≤ 16). Weight-read bound: every packed word is read
 //       once, straight from the artifact's layout, and used for all M rows.
+//   mma_gemm(x (M, K), ...) → (M, N), for M ≤ 64 on tensor cores (sm_80+), reading the same
+//       packed layout; K and the group size must be multiples of 32 (INT4) or 16 (INT8).
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
 //
@@ -34,11 +36,30 @@ __device__ __forceinline__ T* compress_shared_memory() {
   return reinterpret_cast<T*>(compress_shared_bytes);
 }
 
+// One warp-wide tensor-core multiply-accumulate (sm_80+): d (16×8) += a (16×16) · b (16×8).
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2], __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2], __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 #include "dequant_matmul_kernels.cuh"
 
 namespace {
 
 using compress_kernels::kMaxGemvRows;
+using compress_kernels::kMmaMaxRows;
 
 void check_packed(
     const at::Tensor& weight_packed, const at::Tensor& scale,
@@ -123,6 +144,66 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const a
   return out;
 }
 
+// A device attribute through the runtime API (ATen's CUDAContext.h needs cuSPARSE headers).
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
+                    const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
+                    int64_t bits, int64_t group_size, int64_t in_features) {
+  check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
+  TORCH_CHECK(x_in.is_cuda() && x_in.device() == weight_packed.device(),
+              "compress_cuda.mma_gemm: x must be on ", weight_packed.device(), ", got ",
+              x_in.device());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in_features && x_in.is_contiguous(),
+              "compress_cuda.mma_gemm: x must be contiguous (M, ", in_features, "), got ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.size(0) >= 1 && x_in.size(0) <= kMmaMaxRows,
+              "compress_cuda.mma_gemm: M must be in [1, ", kMmaMaxRows, "], got ", x_in.size(0));
+  TORCH_CHECK(x_in.scalar_type() == scale.scalar_type(), "compress_cuda.mma_gemm: x is ",
+              x_in.scalar_type(), " but scale is ", scale.scalar_type());
+  const int64_t slice = bits == 4 ? compress_kernels::mma_slice_k<4>()
+                                  : compress_kernels::mma_slice_k<8>();
+  const int64_t group_len = group_size == -1 ? in_features : group_size;
+  TORCH_CHECK(in_features % slice == 0 && group_len % slice == 0,
+              "compress_cuda.mma_gemm: in_features ", in_features, " and group size ", group_len,
+              " must be multiples of ", slice, " for INT", bits);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int device = x_in.device().index();
+  TORCH_CHECK(device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8,
+              "compress_cuda.mma_gemm: needs sm_80 or newer (mma.sync m16n8k16)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(weight_packed.data_ptr()) % 16 == 0,
+              "compress_cuda.mma_gemm: weight_packed must be 16-byte aligned");
+  const at::Tensor x =
+      reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0 ? x_in : x_in.clone();
+  auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
+  const int M = static_cast<int>(x.size(0));
+  const int N = static_cast<int>(weight_packed.size(0));
+  const int K = static_cast<int>(in_features);
+  const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
+      M, N, K, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
+  at::Tensor workspace;
+  if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
+  float* ws = plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
+  const int32_t* zero = zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr;
+  const int32_t* packed = weight_packed.data_ptr<int32_t>();
+  const int gl = static_cast<int>(group_len);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_cuda_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+    const T* sp = reinterpret_cast<const T*>(scale.data_ptr());
+    T* op = reinterpret_cast<T*>(out.data_ptr());
+    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero, op, ws, plan, M, N, K, gl, stream);
+    else compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero, op, ws, plan, M, N, K, gl, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor dequantize(const at::Tensor& weight_packed, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero_point, int64_t bits,
                       int64_t group_size, int64_t in_features) {
@@ -154,11 +235,15 @@ TORCH_LIBRARY(compress_cuda, m) {
       "gemv(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
       "int group_size, int in_features) -> Tensor");
   m.def(
+      "mma_gemm(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
+      "int group_size, int in_features) -> Tensor");
+  m.def(
       "dequantize(Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
       "int group_size, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(compress_cuda, CUDA, m) {
   m.impl("gemv", &gemv);
+  m.impl("mma_gemm", &mma_gemm);
   m.impl("dequantize", &dequantize);
 }

@@ -1,5 +1,5 @@
-// The device code of cuda_ext: the GEMV and dequantize kernels and the host-side plans that
-// pick their template parameters and launch them. No ATen, no CUDA runtime calls: the file
+// The device code of cuda_ext: the GEMV, tensor-core GEMM and dequantize kernels and the
+// host-side plans that pick their template parameters and launch them. No ATen, no CUDA runtime calls: the file
 // that includes this one provides the environment, so the same code is compiled by nvcc
 // (dequant_matmul.cu) and run on the CPU by the test emulator (tests/kernels/cuda_emulator/).
 //
@@ -8,7 +8,10 @@
 //     __shfl_xor_sync, __syncthreads, __uint_as_float, threadIdx / blockIdx / blockDim;
 //   - COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, args...): launch a kernel
 //     (a function pointer) with that many bytes of dynamic shared memory;
-//   - compress_shared_memory<T>(): the block's dynamic shared memory as T*.
+//   - compress_shared_memory<T>(): the block's dynamic shared memory as T*;
+//   - mma_m16n8k16(d, a, b, T{}): one warp-wide mma.sync.m16n8k16.row.col with float
+//     accumulators and T (__half or __nv_bfloat16) operands, fragments laid out as the PTX
+//     ISA's "Matrix Fragments for mma.m16n8k16 with floating point type".
 //
 // Weights are in the artifact's pack-quantized layout (compress/quant/packing.py): row n of
 // the (N, K·bits/32) int32 tensor holds the codes of output row n, 32/bits per word, the
@@ -232,6 +235,175 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ packed, const T* _
   *reinterpret_cast<Slice*>(out + static_cast<int64_t>(n) * K + k) = slice;
 }
 
+// ------------------------------------------------------------------ tensor-core GEMM (mma)
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaRowsPerBlock = 16;  // output rows n per block: two mma n-tiles of 8
+constexpr int kMmaMaxRows = 64;       // M: up to four mma m-tiles of 16
+
+// Physical k covered by one thread's uint4 of codes: its "slice" (32 for INT4, 16 for INT8).
+template <int BITS>
+constexpr int mma_slice_k() {
+  return 4 * (32 / BITS);
+}
+
+// out (M, N) = x (M, K) · dequantize(W)ᵀ on tensor cores, for M ≤ 64, K and the group size
+// multiples of the slice.
+//
+// A block computes 16 output rows n (two n-tiles of 8) for all M (MTILES m-tiles of 16). Its
+// four warps, and the grid's blockIdx.y splits, share K out in chunks of four slices: thread
+// (g = lane / 4, t = lane % 4) of the warp on chunk c takes slice 4c + t, i.e. one uint4 of
+// codes from each of its two rows n (g and 8 + g). No repack is needed because an mma sums
+// over its 16 k in any order: step s of a slice feeds the mma's logical k {2t, 2t+1, 2t+8,
+// 2t+9} with physical k slice_start + 4s + {0, 1, 2, 3}, for the weights (B, dequantized in
+// registers) and the activations (A, one 8-byte load per row) alike.
+//
+// Partial sums stay in the mma accumulators; the four warps' are added through shared
+// memory. With one split the block writes T; with several, each split writes float partial
+// sums and sum_splits_kernel adds them in a fixed order (deterministic, no atomics).
+template <typename T, int BITS, int MTILES>
+__global__ void __launch_bounds__(kWarp* kMmaWarps)
+    mma_kernel(const T* __restrict__ x,                  // (M, K), 16-byte aligned
+               const int32_t* __restrict__ packed,       // (N, K / per_word), rows 16-byte aligned
+               const T* __restrict__ scale,              // (N, groups)
+               const int32_t* __restrict__ zero_packed,  // (ceil(N / per_word), groups) or null
+               T* __restrict__ out,                      // (M, N), when one split
+               float* __restrict__ partials,             // (splits, M, N), when several
+               int M, int N, int K, int group_len, int groups, int chunks_per_split) {
+  constexpr int kPerWord = 32 / BITS;
+  constexpr int kSliceK = mma_slice_k<BITS>();
+  constexpr int kSteps = kSliceK / 4;
+  constexpr int kTileM = MTILES * 16;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int first_row = blockIdx.x * kMmaRowsPerBlock;
+  const int words = K / kPerWord;
+  const int slices = K / kSliceK;
+  const int chunks = (slices + 3) / 4;
+  const int chunk_begin = blockIdx.y * chunks_per_split;
+  const int chunk_end = chunk_begin + chunks_per_split < chunks ? chunk_begin + chunks_per_split : chunks;
+
+  // Rows past N read row N − 1 again; their sums are never written.
+  int rows[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    rows[j] = first_row + 8 * j + g < N ? first_row + 8 * j + g : N - 1;
+  }
+  float acc[MTILES][2][4];
+#pragma unroll
+  for (int mt = 0; mt < MTILES; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
+    }
+  }
+
+  for (int c = chunk_begin + warp; c < chunk_end; c += kMmaWarps) {
+    const int slice = 4 * c + t;
+    // The last chunk may hold fewer than four slices: a thread without one feeds zeros to
+    // the warp's mma (all 32 lanes must take part).
+    const bool live = slice < slices;
+    const int k0 = slice * kSliceK;
+    const int group = live ? k0 / group_len : 0;
+    uint4 codes[2];
+    float row_scale[2];
+    float biased_zero[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      codes[j] = make_uint4(0u, 0u, 0u, 0u);
+      row_scale[j] = 0.f;
+      biased_zero[j] = kCodeBias;
+      if (live) {
+        codes[j] = __ldg(reinterpret_cast<const uint4*>(
+            packed + static_cast<int64_t>(rows[j]) * words + k0 / kPerWord));
+        row_scale[j] = to_float(__ldg(scale + static_cast<int64_t>(rows[j]) * groups + group));
+        biased_zero[j] = kCodeBias + zero_of<BITS>(zero_packed, rows[j], group, groups);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      // B fragment (k × n, "col"): b[0] holds logical k 2t, 2t+1 and b[1] 2t+8, 2t+9 of
+      // column n = g, here the codes at physical k0 + 4s + {0, 1} and {2, 3}.
+      uint32_t b[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t word = lane_of(codes[j], (4 * s) / kPerWord);
+        const int first = (4 * s) % kPerWord;
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          v[q] = (biased_code<BITS>(word, first + q) - biased_zero[j]) * row_scale[j];
+        }
+        b[j][0] = float_to_bits(v[0], T{}) | (float_to_bits(v[1], T{}) << 16);
+        b[j][1] = float_to_bits(v[2], T{}) | (float_to_bits(v[3], T{}) << 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MTILES; ++mt) {
+        // A fragment (m × k, "row"): a[0] = row g, logical k 2t, 2t+1; a[1] = row g + 8,
+        // same k; a[2], a[3] = the same rows at 2t+8, 2t+9. One 8-byte load per row.
+        uint32_t a[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int m = 16 * mt + 8 * half + g;
+          uint2 pair = make_uint2(0u, 0u);
+          if (live && m < M) {
+            pair = __ldg(reinterpret_cast<const uint2*>(x + static_cast<int64_t>(m) * K + k0 + 4 * s));
+          }
+          a[half] = pair.x;
+          a[2 + half] = pair.y;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mma_m16n8k16(acc[mt][j], a, b[j], T{});
+      }
+    }
+  }
+
+  // Accumulator i of n-tile j: row m = 16·mt + g (+8 for i ≥ 2), column 8j + 2t + (i & 1).
+  float* partial = compress_shared_memory<float>();  // (kMmaWarps, kTileM, 16)
+#pragma unroll
+  for (int mt = 0; mt < MTILES; ++mt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = 16 * mt + g + 8 * (i / 2);
+        const int n = 8 * j + 2 * t + (i % 2);
+        partial[(warp * kTileM + m) * kMmaRowsPerBlock + n] = acc[mt][j][i];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileM * kMmaRowsPerBlock; i += blockDim.x) {
+    const int m = i / kMmaRowsPerBlock;
+    const int n = first_row + i % kMmaRowsPerBlock;
+    if (m < M && n < N) {
+      float sum = 0.f;
+#pragma unroll
+      for (int v = 0; v < kMmaWarps; ++v) sum += partial[v * kTileM * kMmaRowsPerBlock + i];
+      if (partials == nullptr) {
+        out[static_cast<int64_t>(m) * N + n] = from_float<T>(sum);
+      } else {
+        partials[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = sum;
+      }
+    }
+  }
+}
+
+// out = Σ_split partials[split], in split order.
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ partials, T* __restrict__ out,
+                                  int M, int N, int splits) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t size = static_cast<int64_t>(M) * N;
+  if (idx >= size) return;
+  float sum = 0.f;
+  for (int split = 0; split < splits; ++split) sum += partials[split * size + idx];
+  out[idx] = from_float<T>(sum);
+}
+
 // ------------------------------------------------------------------- host-side launch plans
 
 // Output rows per GEMV block: four share each activation load while M is small; above that
@@ -274,6 +446,64 @@ void dequantize(const int32_t* packed, const T* scale, const int32_t* zero_packe
   const dim3 block(kThreads);
   COMPRESS_LAUNCH(kernel, grid, block, 0u, stream, packed, scale, zero_packed, out, N, K,
                   group_len, K / group_len);
+}
+
+// How mma_gemm covers the output: enough blocks for two per SM, K split across blocks only
+// when the N tiles alone are too few, each split at least one chunk per warp.
+struct MmaPlan {
+  int m_tiles;
+  int blocks_n;
+  int splits;
+  int chunks_per_split;
+  int64_t workspace_floats;  // the float partial sums when splits > 1
+};
+
+inline MmaPlan plan_mma(int M, int N, int K, int bits, int sm_count) {
+  MmaPlan plan{};
+  plan.m_tiles = M <= 16 ? 1 : M <= 32 ? 2 : 4;
+  plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
+  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const int chunks = (K / slice_k + 3) / 4;
+  const int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
+  const int most = chunks / kMmaWarps > 1 ? chunks / kMmaWarps : 1;
+  const int splits = wanted < 1 ? 1 : wanted > most ? most : wanted;
+  plan.chunks_per_split = (chunks + splits - 1) / splits;
+  plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
+  plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(plan.splits) * M * N : 0;
+  return plan;
+}
+
+template <typename T, int BITS, int MTILES, typename Stream>
+void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
+                T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
+                int group_len, Stream stream) {
+  auto* kernel = &mma_kernel<T, BITS, MTILES>;
+  const dim3 grid(plan.blocks_n, plan.splits);
+  const dim3 block(kWarp * kMmaWarps);
+  const unsigned shared_bytes = sizeof(float) * kMmaWarps * MTILES * 16 * kMmaRowsPerBlock;
+  float* partials = plan.splits > 1 ? workspace : nullptr;
+  COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, x, packed, scale, zero_packed, out,
+                  partials, M, N, K, group_len, K / group_len, plan.chunks_per_split);
+  if (plan.splits > 1) {
+    constexpr int kThreads = 256;
+    const int64_t size = static_cast<int64_t>(M) * N;
+    auto* sum = &sum_splits_kernel<T>;
+    COMPRESS_LAUNCH(sum, dim3(static_cast<unsigned>((size + kThreads - 1) / kThreads)),
+                    dim3(kThreads), 0u, stream, workspace, out, M, N, plan.splits);
+  }
+}
+
+// Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes (K and the
+// group size multiples of mma_slice_k<BITS>()), that x and the packed rows are 16-byte
+// aligned, and allocated plan.workspace_floats floats of workspace.
+template <typename T, int BITS, typename Stream>
+void mma_gemm(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
+              T* out, float* workspace, const MmaPlan& plan, int M, int N, int K, int group_len,
+              Stream stream) {
+  if (N == 0) return;
+  if (plan.m_tiles == 1) return launch_mma<T, BITS, 1>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  if (plan.m_tiles == 2) return launch_mma<T, BITS, 2>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  return launch_mma<T, BITS, 4>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
 }
 
 }  // namespace compress_kernels

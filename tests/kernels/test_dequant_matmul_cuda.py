@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compress import cuda_ops
-from compress.kernels import CUDA_GEMV_MAX_ROWS
+from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
@@ -98,6 +98,21 @@ def test_raw_gemv_writes_every_output():
         assert (out.float().cpu() - expected).norm() / expected.norm() < 2e-3
 
 
+def test_raw_mma_gemm_writes_every_output():
+    n, k, spec = 320, 1024, QuantSpec(4, 128, False)
+    packed, reference = _case(n, k, spec, torch.bfloat16, seed=6)
+    weight_packed, scale, zero = _on_gpu(packed)
+    for m in (1, 5, 16, 17, 40, CUDA_MMA_MAX_ROWS):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.empty_cache()
+        poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison  # freed memory the kernel's output is likely to reuse
+        out = torch.ops.compress_cuda.mma_gemm(x, weight_packed, scale, zero, 4, 128, k)
+        assert torch.isfinite(out).all(), m
+        expected = x.float().cpu() @ reference.t()
+        assert (out.float().cpu() - expected).norm() / expected.norm() < 1e-2, m
+
+
 def test_gemv_takes_unaligned_activations():
     """The kernel reads x as 16-byte vectors; the op copies a view that is not aligned."""
     n, k, spec = 64, 256, QuantSpec(4, 128, True)
@@ -140,3 +155,11 @@ def test_errors_name_the_problem():
         torch.ops.compress_cuda.gemv(x.to(torch.bfloat16), weight_packed, scale, None, 4, 32, k)
     with pytest.raises(RuntimeError, match="group_size"):
         torch.ops.compress_cuda.gemv(x, weight_packed, scale, None, 4, 48, k)
+    with pytest.raises(RuntimeError, match="multiples of 32"):  # K = 24: three words
+        codes = torch.randint(0, 2**31 - 1, (n, 3), dtype=torch.int32, device="cuda")
+        scales = torch.ones(n, 3, dtype=torch.float16, device="cuda")
+        x24 = torch.randn(2, 24, device="cuda", dtype=torch.float16)
+        torch.ops.compress_cuda.mma_gemm(x24, codes, scales, None, 4, 8, 24)
+    with pytest.raises(RuntimeError, match=r"M must be in \[1, 64\]"):
+        many = torch.randn(65, k, device="cuda", dtype=torch.float16)
+        torch.ops.compress_cuda.mma_gemm(many, weight_packed, scale, None, 4, 32, k)

@@ -15,8 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compress import cuda_ops
-from compress.kernels import CUDA_GEMV_MAX_ROWS, _dequant_matmul_cuda
+from compress import cuda_ops, kernels
+from compress.kernels import (
+    CUDA_GEMV_MAX_ROWS,
+    CUDA_GEMV_ROWS,
+    CUDA_MMA_MAX_ROWS,
+    _dequant_matmul_cuda,
+)
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
@@ -103,6 +108,37 @@ def test_gemv_matches_float32_reference(emulator, spec, dtype):
             assert error < REL_TOL[dtype], (m, n, k, error)
 
 
+# The tensor-core path: one m-tile (≤ 16 rows), two, four; full and partly filled.
+MMA_ROWS = (1, 5, 16, 17, 33, CUDA_MMA_MAX_ROWS)
+# (N, K, sm_count): one pass over K on a device the blocks fill, K = 576 with a partial last
+# chunk for INT4 (where the group divides it), and a short N with many chunks on a small
+# device, so that the plan splits K across blocks and sums the splits.
+MMA_SHAPES = [(40, 640, 1), (40, 576, 1), (24, 2048, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
+def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
+    splits = set()
+    for n, k, sm_count in filter(lambda shape: spec.divides(shape[1]), MMA_SHAPES):
+        (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=n + k)
+        for m in MMA_ROWS:
+            gen = torch.Generator().manual_seed(m)
+            x, _ = guarded(torch.randn(m, k, generator=gen).to(dtype))
+            out, out_buffer = guarded(torch.full((m, n), float("nan"), dtype=dtype))
+            emulator.mma_gemm(
+                x, weight_packed, scale, zero, spec.bits, spec.group_size, k, out=out,
+                sm_count=sm_count,
+            )  # fmt: skip
+            splits.add(emulator.last_splits)
+            assert_guards_intact(out_buffer, m * n)
+            assert torch.isfinite(out).all(), f"M={m}, N={n}, K={k}: outputs not written"
+            expected = x.float() @ reference.t()
+            error = float((out.float() - expected).norm() / expected.norm())
+            assert error < REL_TOL[dtype], (m, n, k, error)
+    assert 1 in splits and max(splits) > 1, f"single-pass and split-K plans both ran: {splits}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
 def test_dequantize_is_bit_exact(emulator, spec, dtype):
@@ -142,8 +178,8 @@ def test_emulator_reports_a_misaligned_vector_load(emulator):
 
 @pytest.fixture
 def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
-    """`torch.ops.compress_cuda` as cuda_ops.load() provides it, run by the emulator on CPU;
-    the list names the ops called."""
+    """`torch.ops.compress_cuda` as cuda_ops.load() provides it on an sm_80+ device, run by
+    the emulator on CPU; the list names the ops called."""
     calls: list[str] = []
 
     def recorded(name, op):
@@ -154,24 +190,48 @@ def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
         return call
 
     ops = SimpleNamespace(
-        gemv=recorded("gemv", emulator.gemv), dequantize=recorded("dequantize", emulator.dequantize)
+        **{
+            name: recorded(name, getattr(emulator, name))
+            for name in ("gemv", "mma_gemm", "dequantize")
+        }
     )
     monkeypatch.setattr(torch.ops, "compress_cuda", ops)
     monkeypatch.setattr(cuda_ops, "load", lambda: True)
+    monkeypatch.setattr(kernels, "_has_mma", lambda device: True)
     return calls
 
 
 @pytest.mark.parametrize(
-    ("leading", "kernel"), [((1,), "gemv"), ((3, 5), "gemv"), ((2, 20), "dequantize")]
+    ("leading", "k", "path"),
+    [
+        ((1,), 256, "gemv"),
+        ((3, 5), 256, "mma"),
+        ((2, 20), 256, "mma"),
+        ((5, 13), 256, "dequantize"),
+        ((3, 5), 200, "gemv"),  # K = 25 words: no whole 32-k slices for the tensor cores
+    ],
 )
-def test_cuda_dispatch_splits_rows_between_the_kernels(emulated_cuda_ops, leading, kernel):
-    """compress::dequant_matmul's CUDA kernel: GEMV up to 16 rows, dequantize + matmul above,
-    for any leading shape, with the emulated ops in place of the compiled ones."""
-    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+def test_cuda_dispatch_picks_the_kernel_by_rows(emulated_cuda_ops, leading, k, path):
+    """compress::dequant_matmul's CUDA kernel, with the emulated ops in place of the compiled:
+    GEMV for few rows, tensor cores up to 64, dequantize + matmul above, any leading shape."""
+    spec = QuantSpec(4, 8 if k % 32 else 64, False)
+    n = 24
     (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.bfloat16, seed=5)
     x = torch.randn(*leading, k, generator=torch.Generator().manual_seed(5)).bfloat16()
-    got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
-    assert emulated_cuda_ops == [kernel]
+    got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, spec.group_size, k)
+    assert emulated_cuda_ops == [{"mma": "mma_gemm"}.get(path, path)]
     assert got.shape == (*leading, n) and got.dtype == torch.bfloat16
     expected = x.float() @ reference.t()
     assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.bfloat16]
+
+
+def test_cuda_path_rules():
+    """The row limits and the tensor-core shape rules, without running anything."""
+    path = kernels.cuda_path
+    assert path(CUDA_GEMV_ROWS, 4, 128, 4096, mma_capable=True) == "gemv"
+    assert path(CUDA_GEMV_ROWS + 1, 4, 128, 4096, mma_capable=True) == "mma"
+    assert path(CUDA_GEMV_ROWS + 1, 4, 128, 4096, mma_capable=False) == "gemv"
+    assert path(CUDA_GEMV_MAX_ROWS + 1, 4, 128, 4096, mma_capable=False) == "dequantize"
+    assert path(CUDA_MMA_MAX_ROWS, 8, PER_CHANNEL, 4096, mma_capable=True) == "mma"
+    assert path(CUDA_MMA_MAX_ROWS + 1, 4, 128, 4096, mma_capable=True) == "dequantize"
+    assert path(8, 8, PER_CHANNEL, 4104, mma_capable=True) == "gemv"  # 4104 % 16 != 0

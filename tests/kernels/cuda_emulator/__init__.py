@@ -66,7 +66,8 @@ class EmulatedKernels:
 
     def __init__(self, library: Path) -> None:
         self._lib = ctypes.CDLL(str(library))
-        for name in ("emulated_gemv", "emulated_dequantize"):
+        self.last_splits = 0
+        for name in ("emulated_gemv", "emulated_mma_gemm", "emulated_dequantize"):
             getattr(self._lib, name).restype = ctypes.c_char_p
 
     @staticmethod
@@ -88,6 +89,25 @@ class EmulatedKernels:
             self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len,
         )  # fmt: skip
         self._check(problem)
+        return out
+
+    def mma_gemm(
+        self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None,
+        sm_count=132,
+    ):  # fmt: skip
+        """The tensor-core path; `sm_count` stands in for the device's (an H100 has 132): a
+        small one makes the plan split K across blocks. Sets `last_splits`."""
+        m, n = x.shape[0], weight_packed.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype) if out is None else out
+        group_len = in_features if group_size == -1 else group_size
+        splits = ctypes.c_int(0)
+        problem = self._lib.emulated_mma_gemm(
+            DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
+            self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len, sm_count,
+            ctypes.byref(splits),
+        )  # fmt: skip
+        self._check(problem)
+        self.last_splits = splits.value
         return out
 
     def dequantize(self, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):

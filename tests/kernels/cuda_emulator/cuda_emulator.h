@@ -6,7 +6,10 @@
 // another. Fibers run until they reach a barrier:
 //   - __syncthreads() waits for every thread of the block that has not exited;
 //   - __shfl_xor_sync() is a warp barrier: each lane posts its value, and once the whole warp
-//     has posted, each reads its partner's (double-buffered by barrier generation).
+//     has posted, each reads its partner's (double-buffered by barrier generation);
+//   - mma_m16n8k16() is one too: the lanes post their fragments, and each lane rebuilds the
+//     16×16 A and 16×8 B tiles from them by the PTX ISA's fragment layout and computes its
+//     own accumulators (in float, k in order).
 // What real hardware would leave undefined is reported instead of guessed: a full-mask
 // shuffle in a warp with exited lanes, a barrier nobody can complete (deadlock), a
 // misaligned vector load through __ldg, a write past the dynamic shared memory the launch
@@ -21,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <ucontext.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 #include <cmath>
@@ -35,6 +39,7 @@
 namespace cuda_emu {
 
 constexpr int kWarpSize = 32;
+constexpr int kSlotWords = 8;  // 32-bit words a lane can post in one warp exchange
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr size_t kSharedCanaryBytes = 64;
 constexpr unsigned char kPoison = 0xFF;
@@ -65,7 +70,7 @@ struct Block {
   std::vector<int> live_in_warp;
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
-  std::vector<uint64_t> shuffle_slots;  // (warps, 2 generations, 32 lanes)
+  std::vector<uint32_t> slots;  // warp exchanges: (warps, 2 generations, 32 lanes, kSlotWords)
   std::vector<unsigned char> shared;    // dynamic shared memory + canary
   size_t shared_bytes = 0;
   std::function<void()> body;
@@ -184,7 +189,7 @@ std::string launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, Ar
         if (threads % kWarpSize != 0) b.live_in_warp.back() = threads % kWarpSize;
         b.block_barrier = Barrier{};
         b.warp_barriers.assign(warps, Barrier{});
-        b.shuffle_slots.assign(static_cast<size_t>(warps) * 2 * kWarpSize, 0);
+        b.slots.assign(static_cast<size_t>(warps) * 2 * kWarpSize * kSlotWords, 0);
         b.shared.assign(shared_bytes + kSharedCanaryBytes, kPoison);
         run_block(stacks);
         for (size_t i = shared_bytes; i < b.shared.size(); ++i) {
@@ -201,21 +206,35 @@ std::string launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, Ar
   return b.error;
 }
 
-inline uint64_t shuffle_bits(unsigned mask, uint64_t bits, int source_lane) {
+// Post `count` words for this lane; once the whole warp has, return the warp's posts
+// (lane L's at [L · kSlotWords]). Valid until this lane's next exchange but one.
+inline const uint32_t* warp_exchange(const uint32_t* words, int count) {
   Block& b = *g_block;
   const int thread = linear_thread(b.fibers[b.current]);
   const int warp = thread / kWarpSize;
   const int lane = thread % kWarpSize;
-  if (mask != 0xffffffffu) report("the emulator supports full-mask shuffles only");
   if (b.live_in_warp[warp] != kWarpSize) {
-    report("full-mask shuffle in warp " + std::to_string(warp) + " with " +
+    report("warp-wide operation in warp " + std::to_string(warp) + " with " +
            std::to_string(b.live_in_warp[warp]) + " live lanes");
   }
   Barrier& barrier = b.warp_barriers[warp];
-  const size_t base = (static_cast<size_t>(warp) * 2 + (barrier.generation & 1)) * kWarpSize;
-  b.shuffle_slots[base + lane] = bits;
+  uint32_t* posts =
+      b.slots.data() + ((static_cast<size_t>(warp) * 2 + (barrier.generation & 1)) * kWarpSize) * kSlotWords;
+  std::memcpy(posts + lane * kSlotWords, words, sizeof(uint32_t) * count);
   arrive(barrier, b.live_in_warp[warp], warp);
-  return b.shuffle_slots[base + (source_lane & (kWarpSize - 1))];
+  return posts;
+}
+
+inline float bits_to_float(uint32_t bits, __half) {
+  __half_raw raw;
+  raw.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(raw));
+}
+inline float bits_to_float(uint32_t bits, __nv_bfloat16) {
+  uint32_t wide = bits << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
 }
 
 }  // namespace cuda_emu
@@ -233,14 +252,57 @@ inline void __syncthreads() {
 
 template <typename V>
 V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
-  static_assert(sizeof(V) <= sizeof(uint64_t), "shuffled values are at most 8 bytes");
-  uint64_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(V));
+  static_assert(sizeof(V) <= 2 * sizeof(uint32_t), "shuffled values are at most 8 bytes");
+  if (mask != 0xffffffffu) cuda_emu::report("the emulator supports full-mask shuffles only");
+  uint32_t words[2] = {0, 0};
+  std::memcpy(words, &value, sizeof(V));
   const int lane = cuda_emu::linear_thread(cuda_emu::g_block->fibers[cuda_emu::g_block->current]) %
                    cuda_emu::kWarpSize;
-  bits = cuda_emu::shuffle_bits(mask, bits, lane ^ lane_mask);
-  std::memcpy(&value, &bits, sizeof(V));
+  const uint32_t* posts = cuda_emu::warp_exchange(words, 2);
+  std::memcpy(&value, posts + (lane ^ lane_mask) * cuda_emu::kSlotWords, sizeof(V));
   return value;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A·B over the warp's fragments.
+// The layout, from the PTX ISA (groupID g = lane / 4, threadID_in_group t = lane % 4; each
+// register holds two elements, the lower-numbered in the low 16 bits):
+//   A: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..2t+1), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
+//   B: b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8..2t+9, n g)
+//   C/D: d[i] = (row g + 8·(i / 2), column 2t + i % 2)
+template <typename T>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T tag) {
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const uint32_t* posts = cuda_emu::warp_exchange(mine, 6);
+  float A[16][16];
+  float B[16][8];
+  for (int lane = 0; lane < cuda_emu::kWarpSize; ++lane) {
+    const uint32_t* r = posts + lane * cuda_emu::kSlotWords;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    auto lo = [&](uint32_t reg) { return cuda_emu::bits_to_float(reg & 0xFFFFu, tag); };
+    auto hi = [&](uint32_t reg) { return cuda_emu::bits_to_float(reg >> 16, tag); };
+    A[g][2 * t] = lo(r[0]);
+    A[g][2 * t + 1] = hi(r[0]);
+    A[g + 8][2 * t] = lo(r[1]);
+    A[g + 8][2 * t + 1] = hi(r[1]);
+    A[g][2 * t + 8] = lo(r[2]);
+    A[g][2 * t + 9] = hi(r[2]);
+    A[g + 8][2 * t + 8] = lo(r[3]);
+    A[g + 8][2 * t + 9] = hi(r[3]);
+    B[2 * t][g] = lo(r[4]);
+    B[2 * t + 1][g] = hi(r[4]);
+    B[2 * t + 8][g] = lo(r[5]);
+    B[2 * t + 9][g] = hi(r[5]);
+  }
+  const int lane = cuda_emu::linear_thread(cuda_emu::g_block->fibers[cuda_emu::g_block->current]) %
+                   cuda_emu::kWarpSize;
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2);
+    const int col = 2 * (lane % 4) + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    d[i] = sum;
+  }
 }
 
 // A read-only cache load; vector types must be aligned to their size, as on the device.

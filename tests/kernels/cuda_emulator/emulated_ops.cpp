@@ -51,3 +51,29 @@ extern "C" const char* emulated_dequantize(int dtype, int bits, const int32_t* p
     else call(__nv_bfloat16{});
   });
 }
+
+// sm_count stands in for the device's multiprocessor count: small values make the plan split K.
+extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
+                                         const int32_t* packed, const void* scale,
+                                         const int32_t* zero_packed, void* out, int M, int N,
+                                         int K, int group_len, int sm_count, int* splits) {
+  return run([&](cuda_emu::Stream stream) {
+    const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(M, N, K, bits, sm_count);
+    *splits = plan.splits;
+    // NaN: a partial sum the reduction reads but no block wrote shows in the output.
+    std::vector<float> workspace(plan.workspace_floats, std::nanf(""));
+    auto call = [&](auto tag) {
+      using T = decltype(tag);
+      const T* xp = static_cast<const T*>(x);
+      const T* sp = static_cast<const T*>(scale);
+      T* op = static_cast<T*>(out);
+      if (bits == 4) {
+        compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero_packed, op, workspace.data(), plan, M, N, K, group_len, stream);
+      } else {
+        compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero_packed, op, workspace.data(), plan, M, N, K, group_len, stream);
+      }
+    };
+    if (dtype == 0) call(__half{});
+    else call(__nv_bfloat16{});
+  });
+}
