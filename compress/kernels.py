@@ -195,11 +195,12 @@ def _dequant_matmul_cuda(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """cuda_ext's kernels for FP16/BF16 activations; anything else takes the default path."""
+    """cuda_ext's kernels for FP16/BF16 activations (scales cast to their dtype); anything else
+    takes the default path."""
     from compress import cuda_ops
 
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
-    supported = x.dtype in (torch.float16, torch.bfloat16) and scale.dtype == x.dtype
+    supported = x.dtype in (torch.float16, torch.bfloat16)
     if not (supported and cuda_ops.load()):
         return _dequantize_then_linear(
             x, weight_packed, scale, zero_point, bits, group_size, in_features
@@ -207,7 +208,8 @@ def _dequant_matmul_cuda(
     rows = x.reshape(-1, in_features)
     weight_packed = weight_packed.contiguous()
     zero = None if zero_point is None else zero_point.contiguous()
-    args = (weight_packed, scale.contiguous(), zero, bits, group_size)
+    # The kernels take scales in x's dtype: the rounding the pure-PyTorch path applies too.
+    args = (weight_packed, scale.to(x.dtype).contiguous(), zero, bits, group_size)
     mma_capable = weight_packed.data_ptr() % 16 == 0 and _has_mma(weight_packed.device)
     path = cuda_path(rows.shape[0], bits, group_size, in_features, mma_capable=mma_capable)
     if path == "gemv":

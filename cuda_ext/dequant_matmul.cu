@@ -36,23 +36,19 @@ __device__ __forceinline__ T* compress_shared_memory() {
   return reinterpret_cast<T*>(compress_shared_bytes);
 }
 
-// One warp-wide tensor-core multiply-accumulate (sm_80+): d (16×8) += a (16×16) · b (16×8).
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2], __half) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2], __nv_bfloat16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// One warp-wide tensor-core multiply-accumulate (sm_80+): d (16×8) += a (16×16) · b (16×8),
+// for each activation type (the PTX type name must be part of the instruction's literal).
+#define COMPRESS_DEFINE_MMA(T, PTX_TYPE)                                                     \
+  __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],       \
+                                               const uint32_t (&b)[2], T) {                 \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "     \
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"        \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));         \
+  }
+COMPRESS_DEFINE_MMA(__half, "f16")
+COMPRESS_DEFINE_MMA(__nv_bfloat16, "bf16")
+#undef COMPRESS_DEFINE_MMA
 
 #include "dequant_matmul_kernels.cuh"
 
@@ -108,22 +104,32 @@ void with_cuda_type(at::ScalarType dtype, Fn&& fn) {
   else fn(__nv_bfloat16{});
 }
 
+// x of a GEMV-like op: (M ≤ max_rows, in_features), contiguous, on the weight's device, in
+// the scale's dtype.
+void check_activations(const char* op, const at::Tensor& x, const at::Tensor& weight_packed,
+                       const at::Tensor& scale, int64_t in_features, int64_t max_rows) {
+  TORCH_CHECK(x.is_cuda() && x.device() == weight_packed.device(), "compress_cuda.", op,
+              ": x must be on ", weight_packed.device(), ", got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features && x.is_contiguous(), "compress_cuda.",
+              op, ": x must be contiguous (M, ", in_features, "), got ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "compress_cuda.", op,
+              ": M must be in [1, ", max_rows, "], got ", x.size(0));
+  TORCH_CHECK(x.scalar_type() == scale.scalar_type(), "compress_cuda.", op, ": x is ",
+              x.scalar_type(), " but scale is ", scale.scalar_type());
+}
+
+// The kernels read activations as 16-byte vectors; a fresh copy of an unaligned view is.
+at::Tensor aligned(const at::Tensor& x) {
+  return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
+}
+
 at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const at::Tensor& scale,
                 const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                 int64_t in_features) {
   check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
-  TORCH_CHECK(x_in.is_cuda() && x_in.device() == weight_packed.device(),
-              "compress_cuda.gemv: x must be on ", weight_packed.device(), ", got ", x_in.device());
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in_features && x_in.is_contiguous(),
-              "compress_cuda.gemv: x must be contiguous (M, ", in_features, "), got ", x_in.sizes());
-  TORCH_CHECK(x_in.size(0) >= 1 && x_in.size(0) <= kMaxGemvRows,
-              "compress_cuda.gemv: M must be in [1, ", kMaxGemvRows, "], got ", x_in.size(0));
-  TORCH_CHECK(x_in.scalar_type() == scale.scalar_type(), "compress_cuda.gemv: x is ",
-              x_in.scalar_type(), " but scale is ", scale.scalar_type());
+  check_activations("gemv", x_in, weight_packed, scale, in_features, kMaxGemvRows);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  // The kernel reads activations as 16-byte vectors; a fresh copy of an unaligned view is.
-  const at::Tensor x =
-      reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0 ? x_in : x_in.clone();
+  const at::Tensor x = aligned(x_in);
   auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
   const int M = static_cast<int>(x.size(0));
   const int N = static_cast<int>(weight_packed.size(0));
@@ -155,16 +161,7 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
                     const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                     int64_t bits, int64_t group_size, int64_t in_features) {
   check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
-  TORCH_CHECK(x_in.is_cuda() && x_in.device() == weight_packed.device(),
-              "compress_cuda.mma_gemm: x must be on ", weight_packed.device(), ", got ",
-              x_in.device());
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in_features && x_in.is_contiguous(),
-              "compress_cuda.mma_gemm: x must be contiguous (M, ", in_features, "), got ",
-              x_in.sizes());
-  TORCH_CHECK(x_in.size(0) >= 1 && x_in.size(0) <= kMmaMaxRows,
-              "compress_cuda.mma_gemm: M must be in [1, ", kMmaMaxRows, "], got ", x_in.size(0));
-  TORCH_CHECK(x_in.scalar_type() == scale.scalar_type(), "compress_cuda.mma_gemm: x is ",
-              x_in.scalar_type(), " but scale is ", scale.scalar_type());
+  check_activations("mma_gemm", x_in, weight_packed, scale, in_features, kMmaMaxRows);
   const int64_t slice = bits == 4 ? compress_kernels::mma_slice_k<4>()
                                   : compress_kernels::mma_slice_k<8>();
   const int64_t group_len = group_size == -1 ? in_features : group_size;
@@ -177,8 +174,7 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
               "compress_cuda.mma_gemm: needs sm_80 or newer (mma.sync m16n8k16)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(weight_packed.data_ptr()) % 16 == 0,
               "compress_cuda.mma_gemm: weight_packed must be 16-byte aligned");
-  const at::Tensor x =
-      reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0 ? x_in : x_in.clone();
+  const at::Tensor x = aligned(x_in);
   auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
   const int M = static_cast<int>(x.size(0));
   const int N = static_cast<int>(weight_packed.size(0));

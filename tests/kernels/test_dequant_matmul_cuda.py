@@ -14,7 +14,8 @@ from compress import cuda_ops
 from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
-from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from compress.quant.primitives import QuantSpec
+from tests.kernels.cases import packed_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,16 +41,6 @@ SCHEMES = [
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, k, generator=gen) * 0.05
-    qparams = choose_qparams(weight, spec, dtype)
-    q = quantize(weight, qparams, spec)
-    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
-    reference = dequantize(q, qparams, spec, dtype=torch.float32)
-    return packed, reference
-
-
 def _on_gpu(packed: PackedWeight) -> tuple:
     zero = packed.weight_zero_point
     return (
@@ -72,7 +63,7 @@ def kernels_built():
 def test_matches_float32_reference(n, k, spec, dtype):
     if not spec.divides(k):
         pytest.skip(f"group {spec.group_size} does not divide K={k}")
-    packed, reference = _case(n, k, spec, dtype, seed=n + k)
+    packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
     weight_packed, scale, zero = _on_gpu(packed)
     for m in ROWS:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -83,40 +74,32 @@ def test_matches_float32_reference(n, k, spec, dtype):
         assert error < REL_TOL[dtype], (m, float(error))
 
 
-def test_raw_gemv_writes_every_output():
-    n, k, spec = 320, 512, QuantSpec(4, 64, False)
-    packed, reference = _case(n, k, spec, torch.float16, seed=1)
-    weight_packed, scale, zero = _on_gpu(packed)
-    for m in range(1, CUDA_GEMV_MAX_ROWS + 1):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        torch.cuda.empty_cache()
-        poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-        del poison  # freed memory the kernel's output is likely to reuse
-        out = torch.ops.compress_cuda.gemv(x, weight_packed, scale, zero, 4, 64, k)
-        assert torch.isfinite(out).all(), m
-        expected = x.float().cpu() @ reference.t()
-        assert (out.float().cpu() - expected).norm() / expected.norm() < 2e-3
-
-
-def test_raw_mma_gemm_writes_every_output():
+@pytest.mark.parametrize(
+    ("op", "rows", "dtype"),
+    [
+        ("gemv", range(1, CUDA_GEMV_MAX_ROWS + 1), torch.float16),
+        ("mma_gemm", (1, 5, 16, 17, 40, CUDA_MMA_MAX_ROWS), torch.bfloat16),
+    ],
+)
+def test_raw_kernel_writes_every_output(op, rows, dtype):
     n, k, spec = 320, 1024, QuantSpec(4, 128, False)
-    packed, reference = _case(n, k, spec, torch.bfloat16, seed=6)
+    packed, reference = packed_case(n, k, spec, dtype, seed=1)
     weight_packed, scale, zero = _on_gpu(packed)
-    for m in (1, 5, 16, 17, 40, CUDA_MMA_MAX_ROWS):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for m in rows:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
         torch.cuda.empty_cache()
-        poison = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        poison = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
         del poison  # freed memory the kernel's output is likely to reuse
-        out = torch.ops.compress_cuda.mma_gemm(x, weight_packed, scale, zero, 4, 128, k)
+        out = getattr(torch.ops.compress_cuda, op)(x, weight_packed, scale, zero, 4, 128, k)
         assert torch.isfinite(out).all(), m
         expected = x.float().cpu() @ reference.t()
-        assert (out.float().cpu() - expected).norm() / expected.norm() < 1e-2, m
+        assert (out.float().cpu() - expected).norm() / expected.norm() < REL_TOL[dtype], m
 
 
 def test_gemv_takes_unaligned_activations():
     """The kernel reads x as 16-byte vectors; the op copies a view that is not aligned."""
     n, k, spec = 64, 256, QuantSpec(4, 128, True)
-    packed, reference = _case(n, k, spec, torch.float16, seed=5)
+    packed, reference = packed_case(n, k, spec, torch.float16, seed=5)
     weight_packed, scale, zero = _on_gpu(packed)
     buffer = torch.randn(k + 8, device="cuda", dtype=torch.float16)
     x = buffer[1 : 1 + k].view(1, k)  # 2 bytes past an aligned address
@@ -127,7 +110,7 @@ def test_gemv_takes_unaligned_activations():
 
 def test_dequantize_kernel_is_exact():
     n, k, spec = 256, 576, QuantSpec(4, 64, False)
-    packed, reference = _case(n, k, spec, torch.bfloat16, seed=2)
+    packed, reference = packed_case(n, k, spec, torch.bfloat16, seed=2)
     weight_packed, scale, zero = _on_gpu(packed)
     weight = torch.ops.compress_cuda.dequantize(weight_packed, scale, zero, 4, 64, k)
     # (q − z)·s in float32 rounded once to bf16: what the CPU path computes in bf16.
@@ -136,7 +119,7 @@ def test_dequantize_kernel_is_exact():
 
 def test_errors_name_the_problem():
     n, k, spec = 64, 128, QuantSpec(4, 32, True)
-    packed, _ = _case(n, k, spec, torch.float16, seed=3)
+    packed, _ = packed_case(n, k, spec, torch.float16, seed=3)
     weight_packed, scale, _ = _on_gpu(packed)
     x = torch.randn(2, k, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="features"):

@@ -23,9 +23,9 @@ from compress.kernels import (
     _dequant_matmul_cuda,
 )
 from compress.quant.config import PER_CHANNEL
-from compress.quant.packing import PackedWeight
-from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+from compress.quant.primitives import QuantSpec
 from tests.kernels import cuda_emulator
+from tests.kernels.cases import packed_case
 
 # Every accumulator tile (1, 2, 4, 8, 16 rows), full and partly filled.
 ROWS = (1, 2, 3, 4, 7, 9, CUDA_GEMV_MAX_ROWS)
@@ -74,12 +74,8 @@ def assert_guards_intact(buffer: torch.Tensor, length: int) -> None:
 
 
 def make_case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(n, k, generator=gen) * 0.05
-    qparams = choose_qparams(weight, spec, dtype)
-    q = quantize(weight, qparams, spec)
-    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
-    reference = dequantize(q, qparams, spec, dtype=torch.float32)
+    """packed_case's operands, each inside guard bands, and the float32 reference."""
+    packed, reference = packed_case(n, k, spec, dtype, seed)
     operands = [
         None if t is None else guarded(t)[0]
         for t in (packed.weight_packed, packed.weight_scale, packed.weight_zero_point)
@@ -235,3 +231,15 @@ def test_cuda_path_rules():
     assert path(CUDA_MMA_MAX_ROWS, 8, PER_CHANNEL, 4096, mma_capable=True) == "mma"
     assert path(CUDA_MMA_MAX_ROWS + 1, 4, 128, 4096, mma_capable=True) == "dequantize"
     assert path(8, 8, PER_CHANNEL, 4104, mma_capable=True) == "gemv"  # 4104 % 16 != 0
+
+
+def test_cuda_dispatch_casts_scales_to_the_activation_dtype(emulated_cuda_ops):
+    """Float32 scales with FP16 activations still take the kernels, not the slow path."""
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.float32, seed=6)
+    assert scale.dtype == torch.float32
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(6)).half()
+    got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+    assert emulated_cuda_ops == ["gemv"] and got.dtype == torch.float16
+    expected = x.float() @ reference.t()
+    assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]

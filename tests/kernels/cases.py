@@ -1,0 +1,21 @@
+"""Quantized weights for the kernel tests: packed as an artifact stores them, with the float32
+dequantized weight every kernel is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from compress.quant.packing import PackedWeight
+from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+
+
+def packed_case(
+    n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int
+) -> tuple[PackedWeight, torch.Tensor]:
+    """A fresh random (n, k) weight (never zeros) → (its packed form, dequantized in float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    qparams = choose_qparams(weight, spec, dtype)
+    q = quantize(weight, qparams, spec)
+    packed = PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
+    return packed, dequantize(q, qparams, spec, dtype=torch.float32)
