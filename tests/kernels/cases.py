@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
+
+# The schemes every kernel is checked on: INT4 groups 32 / 64 / 128, INT8 per channel,
+# symmetric and asymmetric.
+SCHEMES = [
+    QuantSpec(4, 32, True),
+    QuantSpec(4, 64, False),
+    QuantSpec(4, 128, False),
+    QuantSpec(8, PER_CHANNEL, True),
+    QuantSpec(8, PER_CHANNEL, False),
+]
 
 
 def packed_case(

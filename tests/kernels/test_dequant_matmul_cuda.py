@@ -12,10 +12,9 @@ import torch
 
 from compress import cuda_ops
 from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS
-from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec
-from tests.kernels.cases import packed_case
+from tests.kernels.cases import SCHEMES, packed_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,13 +28,6 @@ OP = torch.ops.compress.dequant_matmul
 ROWS = (1, 2, 3, 7, 16, 33, 64)
 # (N, K): Llama-3-8B projections, the demo model's 576, and odd multiples of the group size.
 SHAPES = [(4096, 4096), (1024, 4096), (4096, 14336 // 4), (576, 576), (96, 32 * 7), (160, 64 * 5)]
-SCHEMES = [
-    QuantSpec(4, 32, True),
-    QuantSpec(4, 64, False),
-    QuantSpec(4, 128, False),
-    QuantSpec(8, PER_CHANNEL, True),
-    QuantSpec(8, PER_CHANNEL, False),
-]
 # Relative Frobenius error against float32: the activations and outputs are fp16/bf16 (8 or
 # 11 significant bits), accumulation is float32.
 REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}

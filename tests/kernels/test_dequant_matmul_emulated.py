@@ -25,17 +25,10 @@ from compress.kernels import (
 from compress.quant.config import PER_CHANNEL
 from compress.quant.primitives import QuantSpec
 from tests.kernels import cuda_emulator
-from tests.kernels.cases import packed_case
+from tests.kernels.cases import SCHEMES, packed_case
 
 # Every accumulator tile (1, 2, 4, 8, 16 rows), full and partly filled.
 ROWS = (1, 2, 3, 4, 7, 9, CUDA_GEMV_MAX_ROWS)
-SCHEMES = [
-    QuantSpec(4, 32, True),
-    QuantSpec(4, 64, False),
-    QuantSpec(4, 128, False),
-    QuantSpec(8, PER_CHANNEL, True),
-    QuantSpec(8, PER_CHANNEL, False),
-]
 # (N, K): N = 13 leaves the last block of 2 or 4 rows partly empty; K = odd multiples of the
 # group, one K long enough that each lane takes a second, partial step along K, and the demo
 # model's hidden size (where the group divides it).
