@@ -123,6 +123,30 @@ at::Tensor aligned(const at::Tensor& x) {
   return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
 }
 
+// A tensor's data as T* (T: the CUDA type with_cuda_type names, const for inputs).
+template <typename T>
+T* data_as(const at::Tensor& tensor) {
+  return reinterpret_cast<T*>(tensor.data_ptr());
+}
+
+// The packed weight as the kernels take it (arguments already checked by check_packed).
+struct PackedOperands {
+  const int32_t* packed;
+  const int32_t* zero;  // null: symmetric
+  int N;
+  int K;
+  int group_len;
+};
+
+PackedOperands packed_operands(const at::Tensor& weight_packed,
+                               const std::optional<at::Tensor>& zero_point, int64_t group_size,
+                               int64_t in_features) {
+  return {weight_packed.data_ptr<int32_t>(),
+          zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr,
+          static_cast<int>(weight_packed.size(0)), static_cast<int>(in_features),
+          static_cast<int>(group_size == -1 ? in_features : group_size)};
+}
+
 at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const at::Tensor& scale,
                 const std::optional<at::Tensor>& zero_point, int64_t bits, int64_t group_size,
                 int64_t in_features) {
@@ -132,19 +156,14 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const a
   const at::Tensor x = aligned(x_in);
   auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
   const int M = static_cast<int>(x.size(0));
-  const int N = static_cast<int>(weight_packed.size(0));
-  const int K = static_cast<int>(in_features);
-  const int group_len = static_cast<int>(group_size == -1 ? in_features : group_size);
-  const int32_t* zero = zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr;
-  const int32_t* packed = weight_packed.data_ptr<int32_t>();
+  const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_cuda_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-    const T* sp = reinterpret_cast<const T*>(scale.data_ptr());
-    T* op = reinterpret_cast<T*>(out.data_ptr());
-    if (bits == 4) compress_kernels::gemv<T, 4>(xp, packed, sp, zero, op, M, N, K, group_len, stream);
-    else compress_kernels::gemv<T, 8>(xp, packed, sp, zero, op, M, N, K, group_len, stream);
+    const T* xp = data_as<const T>(x);
+    const T* sp = data_as<const T>(scale);
+    if (bits == 4) compress_kernels::gemv<T, 4>(xp, w.packed, sp, w.zero, data_as<T>(out), M, w.N, w.K, w.group_len, stream);
+    else compress_kernels::gemv<T, 8>(xp, w.packed, sp, w.zero, data_as<T>(out), M, w.N, w.K, w.group_len, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -177,24 +196,19 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   const at::Tensor x = aligned(x_in);
   auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
   const int M = static_cast<int>(x.size(0));
-  const int N = static_cast<int>(weight_packed.size(0));
-  const int K = static_cast<int>(in_features);
+  const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
-      M, N, K, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
+      M, w.N, w.K, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
   at::Tensor workspace;
   if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
   float* ws = plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
-  const int32_t* zero = zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr;
-  const int32_t* packed = weight_packed.data_ptr<int32_t>();
-  const int gl = static_cast<int>(group_len);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_cuda_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-    const T* sp = reinterpret_cast<const T*>(scale.data_ptr());
-    T* op = reinterpret_cast<T*>(out.data_ptr());
-    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero, op, ws, plan, M, N, K, gl, stream);
-    else compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero, op, ws, plan, M, N, K, gl, stream);
+    const T* xp = data_as<const T>(x);
+    const T* sp = data_as<const T>(scale);
+    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, plan, M, w.N, w.K, w.group_len, stream);
+    else compress_kernels::mma_gemm<T, 8>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, plan, M, w.N, w.K, w.group_len, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -207,18 +221,13 @@ at::Tensor dequantize(const at::Tensor& weight_packed, const at::Tensor& scale,
   const c10::cuda::CUDAGuard guard(weight_packed.device());
   auto out = at::empty({weight_packed.size(0), in_features}, scale.options());
   if (out.numel() == 0) return out;
-  const int N = static_cast<int>(weight_packed.size(0));
-  const int K = static_cast<int>(in_features);
-  const int group_len = static_cast<int>(group_size == -1 ? in_features : group_size);
-  const int32_t* zero = zero_point.has_value() ? zero_point->data_ptr<int32_t>() : nullptr;
-  const int32_t* packed = weight_packed.data_ptr<int32_t>();
+  const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_cuda_type(scale.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* sp = reinterpret_cast<const T*>(scale.data_ptr());
-    T* op = reinterpret_cast<T*>(out.data_ptr());
-    if (bits == 4) compress_kernels::dequantize<T, 4>(packed, sp, zero, op, N, K, group_len, stream);
-    else compress_kernels::dequantize<T, 8>(packed, sp, zero, op, N, K, group_len, stream);
+    const T* sp = data_as<const T>(scale);
+    if (bits == 4) compress_kernels::dequantize<T, 4>(w.packed, sp, w.zero, data_as<T>(out), w.N, w.K, w.group_len, stream);
+    else compress_kernels::dequantize<T, 8>(w.packed, sp, w.zero, data_as<T>(out), w.N, w.K, w.group_len, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
