@@ -10,9 +10,9 @@ few MB, for tests. The quantized variant is made by the quantize stage's own cod
 (`compress.quant.stage.preflight` + `quantize_model`, method rtn): every Linear inside the
 decoder layers becomes a QuantLinear, whose forward calls `compress::dequant_matmul`; the
 lm_head (tied to the embeddings) stays dense unless `--quantize-lm-head`. On CUDA that op runs
-the cuda_ext kernels, picked by the number of rows (compress.kernels.cuda_path: GEMV for a
-batch-1 decode step, tensor cores at batch 8, dequantize + cuBLAS for the prefill); the
-table says whether they loaded (`compress.cuda_ops.load()`), so a run that fell back to
+the cuda_ext kernels, picked by the number of rows (compress.kernels.cuda_path: tensor cores
+for decode steps at batch 1 and 8, dequantize + cuBLAS for the prefill); the table says
+whether they loaded (`compress.cuda_ops.load()`), so a run that fell back to
 pure PyTorch shows. On CPU the op's CPU path runs instead (torch's packed int4/int8 matmuls
 where they apply).
 
@@ -32,10 +32,21 @@ per-call setup cancels out), so
 (the first new token comes with the prefill, as in `compress bench`). "prefill ms" is the
 median generate(max_new_tokens=1) time. Generate's per-step Python work (logits processors,
 stopping criteria, cache bookkeeping) is part of decoding and is included: these are
-eager-mode, end-to-end numbers, not kernel times (benchmarks/kernel.py has those). Weights MB
-are the bytes of the model's parameters and buffers (tied tensors once; on the CPU the int4
-path also keeps a repacked copy of each weight on first use, not counted); peak GPU MB is
-torch.cuda.max_memory_allocated over that row's calls (weights + KV cache + activations).
+eager-mode, end-to-end numbers, not kernel times (benchmarks/kernel.py has those).
+
+On CUDA, "graph tok/s" times the decode step alone, without generate's Python: the prompt is
+prefilled into a `transformers.StaticCache` (fixed shapes), one greedy step (forward, argmax,
+next position, all in place) is captured as a CUDA graph, and `--new-tokens` replays are timed
+between CUDA events, median of `--repeats`; tok/s = batch / seconds per step. That is the
+number the kernels set; the eager column is what a plain `generate` user sees. Where capture
+fails, the column says so and the reason is logged. On the CPU the same static-cache step
+runs eagerly in the tests (tests/stages/test_bench_decode.py), checked against the model's
+own logits, but is not timed.
+
+Weights MB are the bytes of the model's parameters and buffers (tied tensors once; on the CPU
+the int4 path also keeps a repacked copy of each weight on first use, not counted); peak GPU
+MB is torch.cuda.max_memory_allocated over that row's calls (weights + KV cache +
+activations).
 
 Sanity, so that a fast but wrong kernel cannot pass unnoticed: "logit cos" is the quantized
 model's worst per-row cosine similarity (logits centered) with the dense model's, on the whole
@@ -56,6 +67,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -173,6 +185,7 @@ class Row:
     weights_bytes: int
     peak_gpu_bytes: int | None
     logit_cosine: float | None = None  # quantized rows: worst agreement with the dense model
+    graph_tokens_per_s: float | None = None  # CUDA: the decode step replayed as a CUDA graph
 
 
 def _sync(device: torch.device) -> None:
@@ -201,6 +214,78 @@ def timed_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> f
     if tuple(out.shape) != expected:
         raise RuntimeError(f"generate returned {tuple(out.shape)}, expected {expected}")
     return elapsed
+
+
+class StaticDecoder:
+    """Greedy decoding one step at a time over a `transformers.StaticCache`, every tensor a
+    step reads or writes fixed in place, so that `step()` can be captured as a CUDA graph.
+
+    The constructor prefills the prompt; each `step()` feeds `token` (batch, 1) at `position`,
+    writes the next greedy token into `token` and the step's last-position logits into
+    `logits`, and advances `position`. `rewind()` goes back to the state after the prefill
+    (the cache is overwritten from there on), so one capture serves every timed run."""
+
+    @torch.inference_mode()
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, steps: int) -> None:
+        self.model = model
+        # transformers renamed the forward's cache argument (5.24 takes `cache`, and
+        # deprecates `past_key_values`, which earlier releases take).
+        forward_parameters = inspect.signature(model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self.prompt_len = prompt.shape[1]
+        self.cache = transformers.StaticCache(
+            config=model.config, max_cache_len=self.prompt_len + steps
+        )
+        positions = torch.arange(self.prompt_len, device=prompt.device)
+        self.logits = self._forward(prompt, positions)
+        self.token = self.logits.argmax(-1, keepdim=True)
+        self.first_token = self.token.clone()
+        self.position = torch.full((1,), self.prompt_len, device=prompt.device, dtype=torch.long)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens, cache_position=positions, use_cache=True, logits_to_keep=1,
+            **{self.cache_argument: self.cache},
+        )  # fmt: skip
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.logits.copy_(self._forward(self.token, self.position))
+        self.token.copy_(self.logits.argmax(-1, keepdim=True))
+        self.position.add_(1)
+
+    @torch.inference_mode()
+    def rewind(self) -> None:
+        self.token.copy_(self.first_token)
+        self.position.fill_(self.prompt_len)
+
+
+@torch.inference_mode()
+def graph_tokens_per_s(model: nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> float:
+    """Decode tok/s of one greedy step captured as a CUDA graph and replayed (see the module
+    docstring). Raises RuntimeError where the step cannot be captured."""
+    decoder = StaticDecoder(model, prompt, args.new_tokens + 2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: handles, workspaces
+        decoder.step()
+        decoder.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.step()
+    seconds = []
+    for _ in range(args.repeats):
+        decoder.rewind()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.new_tokens):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3 / args.new_tokens)
+    return prompt.shape[0] / statistics.median(seconds)
 
 
 def make_prompt(vocab: int, batch: int, args: argparse.Namespace, device: torch.device):
@@ -239,21 +324,32 @@ def measure(model: nn.Module, label: str, prompt: torch.Tensor, args: argparse.N
     prefill_s, full_s = statistics.median(prefill), statistics.median(full)
     decode_s = full_s - prefill_s
     tokens_per_s = batch * (args.new_tokens - 1) / decode_s if decode_s > 0 else math.nan
+    graphed = None
+    if device.type == "cuda":
+        try:
+            graphed = graph_tokens_per_s(model, prompt, args)
+        except RuntimeError as error:  # the column says so; the reason goes to the log
+            log.warning("%s batch %d: CUDA graph capture failed: %s", label, batch, error)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     log.info(
-        "%s batch %d: prefill %.1f ms, generate %.1f ms, decode %.1f tok/s",
+        "%s batch %d: prefill %.1f ms, generate %.1f ms, decode %.1f tok/s, graph %s tok/s",
         label,
         batch,
         1e3 * prefill_s,
         1e3 * full_s,
         tokens_per_s,
+        "—" if graphed is None else f"{graphed:.1f}",
     )
-    return Row(label, batch, 1e3 * prefill_s, tokens_per_s, weight_bytes(model), peak)
+    row = Row(label, batch, 1e3 * prefill_s, tokens_per_s, weight_bytes(model), peak)
+    row.graph_tokens_per_s = graphed
+    return row
 
 
 def render(rows: list[Row], header: list[str], dense_label: str, cuda: bool) -> str:
     dense = {r.batch: r for r in rows if r.model == dense_label}
     columns = ["model", "batch", "prefill ms", "decode tok/s", f"speedup vs {dense_label}"]
+    if cuda:
+        columns += ["graph tok/s", f"graph speedup vs {dense_label}"]
     columns += ["weights MB"] + (["peak GPU MB"] if cuda else [])
     columns += [f"logit cos vs {dense_label}"]
     lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -265,8 +361,13 @@ def render(rows: list[Row], header: list[str], dense_label: str, cuda: bool) -> 
             f"{r.prefill_ms:.1f}",
             f"{r.decode_tokens_per_s:.1f}",
             f"{speedup:.2f}×",
-            f"{r.weights_bytes / 1e6:.1f}",
         ]
+        if cuda:
+            graphed, dense_graphed = r.graph_tokens_per_s, dense[r.batch].graph_tokens_per_s
+            cells.append("capture failed" if graphed is None else f"{graphed:.1f}")
+            both = graphed is not None and dense_graphed is not None
+            cells.append(f"{graphed / dense_graphed:.2f}×" if both else "—")
+        cells.append(f"{r.weights_bytes / 1e6:.1f}")
         if cuda:
             cells.append(f"{(r.peak_gpu_bytes or 0) / 1e6:.0f}")
         cells.append("—" if r.logit_cosine is None else f"{r.logit_cosine:.4f}")

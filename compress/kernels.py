@@ -154,12 +154,15 @@ def _dequant_matmul_fake(
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
 
-# Which cuda_ext kernel takes how many rows (M). GEMV on CUDA cores up to CUDA_GEMV_ROWS; the
-# tensor-core GEMM up to CUDA_MMA_MAX_ROWS where it can run (sm_80+, K and the group size
-# multiples of its slice, 16-byte aligned rows), else GEMV up to CUDA_GEMV_MAX_ROWS; above,
-# the weight is dequantized once by the CUDA kernel and multiplied by cuBLAS.
-# CUDA_GEMV_ROWS is a first guess, to be set from benchmarks/kernel.py's per-path columns.
-CUDA_GEMV_ROWS = 4
+# Which cuda_ext kernel takes how many rows (M). The tensor-core GEMM takes 1…CUDA_MMA_MAX_ROWS
+# where it can run (sm_80+, K and the group size multiples of its slice, 16-byte aligned
+# rows); where it cannot, the GEMV takes up to CUDA_GEMV_MAX_ROWS; above either, the weight is
+# dequantized once by the CUDA kernel and multiplied by cuBLAS. The GEMV would also take
+# M ≤ CUDA_GEMV_ROWS where the tensor cores can run: 0, because for the same bytes read the
+# tensor-core kernel issues 3.5 instructions per weight at M ≤ 8 and the GEMV 8.3 (sm_90
+# machine code, benchmarks/kernel_sass.py). Unmeasured on a GPU: benchmarks/kernel.py times
+# both kernels at every M, to confirm or move this.
+CUDA_GEMV_ROWS = 0
 CUDA_GEMV_MAX_ROWS = 16
 CUDA_MMA_MAX_ROWS = 64
 

@@ -2,14 +2,15 @@
 // pack-quantized layout, see compress/quant/packing.py), FP16 or BF16 activations: the ATen
 // side. The kernels and their launch plans are in dequant_matmul_kernels.cuh.
 //
-// Two ops, registered in the `compress_cuda` namespace and called by the CUDA kernel of
+// Three ops, registered in the `compress_cuda` namespace and called by the CUDA kernel of
 // `compress::dequant_matmul` (compress/kernels.py), which picks one by the number of rows M:
 //
-//   gemv(x (M, K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
-//       → (M, N), for decode shapes (M ≤ 16). Weight-read bound: every packed word is read
-//       once, straight from the artifact's layout, and used for all M rows.
-//   mma_gemm(x (M, K), ...) → (M, N), for M ≤ 64 on tensor cores (sm_80+), reading the same
-//       packed layout; K and the group size must be multiples of 32 (INT4) or 16 (INT8).
+//   mma_gemm(x (M, K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
+//       → (M, N), for M ≤ 64 on tensor cores (sm_80+), decode shapes included. Weight-read
+//       bound: every packed word is read once, straight from the artifact's layout, and used
+//       for all M rows. K and the group size must be multiples of 32 (INT4) or 16 (INT8).
+//   gemv(x (M, K), ...) → (M, N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
+//       (before sm_80, other K or group sizes, unaligned rows). Same single read.
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
 //
@@ -26,30 +27,7 @@
 #include <cstdint>
 #include <optional>
 
-// The environment dequant_matmul_kernels.cuh expects (the test emulator provides its own).
-#define COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
-
-template <typename T>
-__device__ __forceinline__ T* compress_shared_memory() {
-  extern __shared__ __align__(16) unsigned char compress_shared_bytes[];
-  return reinterpret_cast<T*>(compress_shared_bytes);
-}
-
-// One warp-wide tensor-core multiply-accumulate (sm_80+): d (16×8) += a (16×16) · b (16×8),
-// for each activation type (the PTX type name must be part of the instruction's literal).
-#define COMPRESS_DEFINE_MMA(T, PTX_TYPE)                                                     \
-  __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],       \
-                                               const uint32_t (&b)[2], T) {                 \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "     \
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"        \
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));         \
-  }
-COMPRESS_DEFINE_MMA(__half, "f16")
-COMPRESS_DEFINE_MMA(__nv_bfloat16, "bf16")
-#undef COMPRESS_DEFINE_MMA
-
+#include "device_environment.cuh"
 #include "dequant_matmul_kernels.cuh"
 
 namespace {
@@ -187,6 +165,8 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   TORCH_CHECK(in_features % slice == 0 && group_len % slice == 0,
               "compress_cuda.mma_gemm: in_features ", in_features, " and group size ", group_len,
               " must be multiples of ", slice, " for INT", bits);
+  TORCH_CHECK(in_features / slice < (1 << 20), "compress_cuda.mma_gemm: in_features ",
+              in_features, " is over the kernel's 2^20 slices of ", slice);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int device = x_in.device().index();
   TORCH_CHECK(device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8,

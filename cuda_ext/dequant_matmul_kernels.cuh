@@ -3,9 +3,10 @@
 // that includes this one provides the environment, so the same code is compiled by nvcc
 // (dequant_matmul.cu) and run on the CPU by the test emulator (tests/kernels/cuda_emulator/).
 //
-// The includer provides, before including this file:
-//   - __half, __nv_bfloat16 and their float conversions, the CUDA vector types, __ldg,
-//     __shfl_xor_sync, __syncthreads, __uint_as_float, threadIdx / blockIdx / blockDim;
+// The includer provides, before including this file (device_environment.cuh for nvcc):
+//   - __half, __nv_bfloat16, their pairs and the paired __hsub2 / __hmul2_rn, their float
+//     conversions, the CUDA vector types, __ldg, __byte_perm, __shfl_xor_sync,
+//     __syncthreads, __uint_as_float, threadIdx / blockIdx / blockDim;
 //   - COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, args...): launch a kernel
 //     (a function pointer) with that many bytes of dynamic shared memory;
 //   - compress_shared_memory<T>(): the block's dynamic shared memory as T*;
@@ -20,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace compress_kernels {
 
@@ -29,7 +31,6 @@ constexpr int kGemvWarps = 4;
 constexpr int kMaxGemvRows = 16;
 // 2^23: a code q < 2^23 in the low mantissa bits of this float's pattern reads as 2^23 + q.
 constexpr uint32_t kCodeBiasBits = 0x4B000000u;
-constexpr float kCodeBias = 8388608.f;
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -91,16 +92,45 @@ __device__ __forceinline__ uint32_t float_to_bits(float v, __half) {
 __device__ __forceinline__ uint32_t float_to_bits(float v, __nv_bfloat16) {
   return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(v)).x;
 }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return static_cast<__half_raw>(v).x; }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) {
+  return static_cast<__nv_bfloat16_raw>(v).x;
+}
 
 // The zero point of row n, group g (packed along N, 32/BITS rows per word); symmetric
 // weights (no zero points) are stored offset by 2^(BITS-1).
 template <int BITS>
-__device__ __forceinline__ float zero_of(const int32_t* zero_packed, int n, int g, int groups) {
+__device__ __forceinline__ uint32_t zero_code(const int32_t* zero_packed, int n, int g, int groups) {
   constexpr int kPerWord = 32 / BITS;
   constexpr uint32_t kMask = (1u << BITS) - 1u;
-  if (zero_packed == nullptr) return static_cast<float>(1 << (BITS - 1));
+  if (zero_packed == nullptr) return 1u << (BITS - 1);
   const uint32_t word = static_cast<uint32_t>(__ldg(zero_packed + (n / kPerWord) * groups + g));
-  return static_cast<float>((word >> ((n % kPerWord) * BITS)) & kMask);
+  return (word >> ((n % kPerWord) * BITS)) & kMask;
+}
+
+// The zero points of one row n, group by group, with the row's word and shift found once:
+// load() reads group g's packed word, code() takes the row's zero point out of it.
+template <int BITS>
+struct ZeroPoints {
+  const int32_t* words;  // null: symmetric
+  int shift;
+  ZeroPoints() = default;
+  __device__ __forceinline__ ZeroPoints(const int32_t* zero_packed, int n, int groups)
+      : words(zero_packed == nullptr ? nullptr : zero_packed + (n / (32 / BITS)) * groups),
+        shift((n % (32 / BITS)) * BITS) {}
+  __device__ __forceinline__ uint32_t load(int g) const {
+    return words == nullptr ? 0u : static_cast<uint32_t>(__ldg(words + g));
+  }
+  __device__ __forceinline__ uint32_t code(uint32_t word) const {
+    if (words == nullptr) return 1u << (BITS - 1);
+    return (word >> shift) & ((1u << BITS) - 1u);
+  }
+};
+
+// 2^23 + zero as a float, by the same bit trick as biased_code (no integer conversion).
+template <int BITS>
+__device__ __forceinline__ float biased_zero_of(const int32_t* zero_packed, int n, int g, int groups) {
+  return __uint_as_float(zero_code<BITS>(zero_packed, n, g, groups) | kCodeBiasBits);
 }
 
 // Code i of a word as the float 2^23 + q: one shift and one LOP3, where an integer-to-float
@@ -110,6 +140,130 @@ __device__ __forceinline__ float biased_code(uint32_t word, int i) {
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   return __uint_as_float(((word >> (i * BITS)) & kMask) | kCodeBiasBits);
 }
+
+// ------------------------------------------ two values at once, in T's paired arithmetic
+//
+// The tensor-core B fragments and dequantize need the weights in T, two per register. Made
+// through float, each value costs a shift, a LOP3, a subtraction, a multiply and a float → T
+// conversion (the conversion at a fraction of the FMA rate). In T's own paired arithmetic
+// two values cost four instructions: a byte permute puts their codes in the low mantissa
+// bits of the two halves, a LOP3 sets a magic exponent (the halves then read as kMagic + q
+// exactly), one paired subtraction of kMagic + z (exact: small integers), one paired
+// multiply by the scale. The product is rounded once, as the float path rounds (q − z)·s
+// once (the float product is exact), so the results are bit-identical to it.
+//
+// kMagic + q must be exact in T: fp16 1024 + q (10 mantissa bits) holds INT4 and INT8 codes;
+// bf16 128 + q (7 mantissa bits) holds INT4 codes only, so bf16 × INT8 keeps the float path.
+
+template <typename T>
+struct Paired;
+template <>
+struct Paired<__half> {
+  using type = __half2;
+  using raw = __half2_raw;
+  static constexpr uint32_t kMagicBits = 0x6400u;  // 1024
+  static constexpr int kMantissaBits = 10;
+};
+template <>
+struct Paired<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  using raw = __nv_bfloat162_raw;
+  static constexpr uint32_t kMagicBits = 0x4300u;  // 128
+  static constexpr int kMantissaBits = 7;
+};
+
+template <typename T, int BITS>
+constexpr bool paired_dequantize_is_exact() {
+  return BITS <= Paired<T>::kMantissaBits;
+}
+
+// A register's bits as a pair and back. memcpy, not a pointer cast (undefined behaviour that
+// optimizers exploit) and not the two 16-bit halves of the raw types (which nvcc takes apart
+// and rebuilds: two instructions per pair).
+template <typename T>
+__device__ __forceinline__ typename Paired<T>::type paired_from_bits(uint32_t bits) {
+  typename Paired<T>::type v;
+  memcpy(&v, &bits, sizeof bits);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t paired_to_bits(typename Paired<T>::type v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+// (a & mask) | bits in one LOP3; ptxas does not fuse an AND and an OR of two immediates.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  uint32_t result;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(result) : "r"(a), "r"(mask), "r"(bits));
+  return result;
+#else
+  return (a & mask) | bits;
+#endif
+}
+
+// What a row's group contributes to every pair: kMagic + z and the scale, in both halves.
+template <typename T>
+struct PairedGroup {
+  typename Paired<T>::type biased_zero;
+  typename Paired<T>::type scale;
+};
+
+template <typename T>
+__device__ __forceinline__ PairedGroup<T> paired_group(uint32_t zero, T scale) {
+  const uint32_t zero_bits = Paired<T>::kMagicBits | zero;  // kMagic + z, exactly
+  const uint32_t scale_bits = bits_of(scale);
+  return {paired_from_bits<T>(zero_bits | (zero_bits << 16)),
+          paired_from_bits<T>(scale_bits | (scale_bits << 16))};
+}
+
+// Values 2p and 2p + 1 of a packed word, (q − z)·s, as two T in one register (the first in
+// the low half).
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t dequantize_pair(uint32_t word, int p, const PairedGroup<T>& group) {
+  static_assert(paired_dequantize_is_exact<T, BITS>(), "kMagic + q is not exact in T");
+  constexpr uint32_t kMagic2 = Paired<T>::kMagicBits * 0x10001u;
+  uint32_t codes;
+  if constexpr (BITS == 4) {
+    // Byte p of the word holds both codes (low and high nibble); byte p of word >> 4 holds
+    // the second in its low nibble. Put one in each half, keep the low nibbles.
+    const uint32_t both = __byte_perm(word, word >> 4, static_cast<uint32_t>(p | ((4 + p) << 8)));
+    codes = and_or(both, 0x000F000Fu, kMagic2);
+  } else {
+    // Bytes 2p and 2p + 1 to the two halves; selector 4 is a zero byte of the second operand.
+    codes = __byte_perm(word, 0u, static_cast<uint32_t>((2 * p) | (4 << 4) | ((2 * p + 1) << 8) | (4 << 12))) | kMagic2;
+  }
+  const typename Paired<T>::type biased = paired_from_bits<T>(codes);
+  return paired_to_bits<T>(__hmul2_rn(__hsub2(biased, group.biased_zero), group.scale));
+}
+
+// Values `first` and `first` + 1 of a packed word in one row's group, dequantized into one
+// register of two T (the first in the low half): in T's paired arithmetic where that is
+// exact, else through float. Both give the same bits. `first` is even.
+template <typename T, int BITS, bool kPairedExact = paired_dequantize_is_exact<T, BITS>()>
+struct PairDequantizer {
+  PairedGroup<T> group;
+  PairDequantizer() = default;
+  __device__ __forceinline__ PairDequantizer(uint32_t zero, T scale) : group(paired_group<T>(zero, scale)) {}
+  __device__ __forceinline__ uint32_t pair(uint32_t word, int first) const {
+    return dequantize_pair<T, BITS>(word, first / 2, group);
+  }
+};
+template <typename T, int BITS>
+struct PairDequantizer<T, BITS, false> {
+  float biased_zero;
+  float scale;
+  PairDequantizer() = default;
+  __device__ __forceinline__ PairDequantizer(uint32_t zero, T scale_value)
+      : biased_zero(biased_code<BITS>(zero, 0)), scale(to_float(scale_value)) {}
+  __device__ __forceinline__ uint32_t pair(uint32_t word, int first) const {
+    const float lo = (biased_code<BITS>(word, first) - biased_zero) * scale;
+    const float hi = (biased_code<BITS>(word, first + 1) - biased_zero) * scale;
+    return float_to_bits(lo, T{}) | (float_to_bits(hi, T{}) << 16);
+  }
+};
 
 // out[m, n] = Σ_k x[m, k] · (q[n, k] − z[n, g(k)]) · s[n, g(k)] for M ≤ MT rows.
 //
@@ -157,7 +311,7 @@ __global__ void __launch_bounds__(kWarp* kGemvWarps)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const uint32_t word = static_cast<uint32_t>(__ldg(packed + static_cast<int64_t>(rows[r]) * words + w));
-      const float biased_zero = kCodeBias + zero_of<BITS>(zero_packed, rows[r], g, groups);
+      const float biased_zero = biased_zero_of<BITS>(zero_packed, rows[r], g, groups);
       row_scale[r] = to_float(__ldg(scale + static_cast<int64_t>(rows[r]) * groups + g));
 #pragma unroll
       for (int i = 0; i < kPerWord; ++i) weight[r][i] = biased_code<BITS>(word, i) - biased_zero;
@@ -222,24 +376,36 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ packed, const T* _
   const int n = static_cast<int>(idx / words);
   const int k = static_cast<int>(idx % words) * kPerWord;
   const int g = k / group_len;
-  const float s = to_float(__ldg(scale + static_cast<int64_t>(n) * groups + g));
-  const float biased_zero = kCodeBias + zero_of<BITS>(zero_packed, n, g, groups);
+  const PairDequantizer<T, BITS> dequantizer(zero_code<BITS>(zero_packed, n, g, groups),
+                                             __ldg(scale + static_cast<int64_t>(n) * groups + g));
   const uint32_t word = static_cast<uint32_t>(__ldg(packed + idx));
   Slice slice{};
 #pragma unroll
-  for (int j = 0; j < kPerWord / 2; ++j) {
-    const float lo = (biased_code<BITS>(word, 2 * j) - biased_zero) * s;
-    const float hi = (biased_code<BITS>(word, 2 * j + 1) - biased_zero) * s;
-    set_lane(slice, j, float_to_bits(lo, T{}) | (float_to_bits(hi, T{}) << 16));
-  }
+  for (int j = 0; j < kPerWord / 2; ++j) set_lane(slice, j, dequantizer.pair(word, 2 * j));
   *reinterpret_cast<Slice*>(out + static_cast<int64_t>(n) * K + k) = slice;
 }
 
 // ------------------------------------------------------------------ tensor-core GEMM (mma)
 
+// n / d for 0 ≤ n < 2^20 and a divisor d ≥ 1 fixed for the kernel, without the ~20
+// instructions of an integer division: a float estimate, off by at most one at these sizes,
+// then one correction each way makes it exact.
+struct SmallDivisor {
+  int d;
+  float inverse;
+  __device__ __forceinline__ explicit SmallDivisor(int divisor) : d(divisor), inverse(1.f / divisor) {}
+  __device__ __forceinline__ int divide(int n) const {
+    int q = static_cast<int>(static_cast<float>(n) * inverse);
+    if (q * d > n) --q;
+    if ((q + 1) * d <= n) ++q;
+    return q;
+  }
+};
+
 constexpr int kMmaWarps = 4;
-constexpr int kMmaRowsPerBlock = 16;  // output rows n per block: two mma n-tiles of 8
-constexpr int kMmaMaxRows = 64;       // M: up to four mma m-tiles of 16
+constexpr int kMmaRowsPerWarp = 32;                            // output rows n: two A tiles of 16
+constexpr int kMmaRowsPerBlock = kMmaWarps * kMmaRowsPerWarp;  // 128
+constexpr int kMmaMaxRows = 64;                                // M: up to eight B tiles of 8
 
 // Physical k covered by one thread's uint4 of codes: its "slice" (32 for INT4, 16 for INT8).
 template <int BITS>
@@ -247,21 +413,29 @@ constexpr int mma_slice_k() {
   return 4 * (32 / BITS);
 }
 
-// out (M, N) = x (M, K) · dequantize(W)ᵀ on tensor cores, for M ≤ 64, K and the group size
-// multiples of the slice.
+// out (M, N) = x (M, K) · dequantize(W)ᵀ on tensor cores, for M ≤ MROWS (8, 16, 32 or 64),
+// K and the group size multiples of the slice.
 //
-// A block computes 16 output rows n (two n-tiles of 8) for all M (MTILES m-tiles of 16). Its
-// four warps, and the grid's blockIdx.y splits, share K out in chunks of four slices: thread
-// (g = lane / 4, t = lane % 4) of the warp on chunk c takes slice 4c + t, i.e. one uint4 of
-// codes from each of its two rows n (g and 8 + g). No repack is needed because an mma sums
-// over its 16 k in any order: step s of a slice feeds the mma's logical k {2t, 2t+1, 2t+8,
-// 2t+9} with physical k slice_start + 4s + {0, 1, 2, 3}, for the weights (B, dequantized in
-// registers) and the activations (A, one 8-byte load per row) alike.
+// The mma computes outᵀ = W · xᵀ: the dequantized weights are the A operand (16 rows n ×
+// 16 k) and the activations the B operand (16 k × 8 rows m). So a decode step (M ≤ 8) fills
+// the mma's n = 8 side instead of padding M to 16; each B tile is 8 rows of x.
 //
-// Partial sums stay in the mma accumulators; the four warps' are added through shared
-// memory. With one split the block writes T; with several, each split writes float partial
-// sums and sum_splits_kernel adds them in a fixed order (deterministic, no atomics).
-template <typename T, int BITS, int MTILES>
+// Each warp owns 32 output rows n (two A tiles) and walks its block's share of K (grid.y
+// splits K) in chunks of four slices: thread (g = lane / 4, t = lane % 4) takes slice 4c + t
+// of chunk c, i.e. one uint4 of codes from each of its four rows n (g + 8j). The block's four
+// warps own different rows and read the same activations at the same time, so three of
+// every four activation loads hit L1: the activations cross L2 once per 128 output rows.
+//
+// No repack is needed because an mma sums over its 16 k in any order: step s of a slice
+// feeds the mma's logical k {2t, 2t+1, 2t+8, 2t+9} with physical k slice_start + 4s +
+// {0, 1, 2, 3}, for the weights (A, dequantized in registers by PairDequantizer) and the
+// activations (B, one 8-byte load per row of x, which lands as the fragment's two
+// registers) alike. Each A fragment serves MROWS / 8 mma, each B fragment two.
+//
+// Partial sums stay in the mma accumulators, and each warp writes its own outputs: T with
+// one split; with several, float partial sums that sum_splits_kernel adds in a fixed order
+// (deterministic, no atomics).
+template <typename T, int BITS, int MROWS>
 __global__ void __launch_bounds__(kWarp* kMmaWarps)
     mma_kernel(const T* __restrict__ x,                  // (M, K), 16-byte aligned
                const int32_t* __restrict__ packed,       // (N, K / per_word), rows 16-byte aligned
@@ -273,120 +447,159 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
   constexpr int kPerWord = 32 / BITS;
   constexpr int kSliceK = mma_slice_k<BITS>();
   constexpr int kSteps = kSliceK / 4;
-  constexpr int kTileM = MTILES * 16;
+  constexpr int kRows = 4;                // rows n per thread: g + 8j
+  constexpr int kTilesB = MROWS / 8;      // B tiles of 8 rows of x
+  // A second chunk of weight operands in registers, while the accumulators leave room: at
+  // MROWS = 64 they alone take 64 registers and the second stage would spill.
+  constexpr bool kPrefetch = MROWS <= 32;
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int first_row = blockIdx.x * kMmaRowsPerBlock;
+  const int first_row = blockIdx.x * kMmaRowsPerBlock + warp * kMmaRowsPerWarp;
+  if (first_row >= N) return;  // a whole warp past N (last block only); no barrier follows
   const int words = K / kPerWord;
   const int slices = K / kSliceK;
   const int chunks = (slices + 3) / 4;
   const int chunk_begin = blockIdx.y * chunks_per_split;
   const int chunk_end = chunk_begin + chunks_per_split < chunks ? chunk_begin + chunks_per_split : chunks;
 
-  // Rows past N read row N − 1 again; their sums are never written.
-  int rows[2];
+  // This thread's rows n (g + 8j): their codes as uint4 slices, scales and zero points. Rows
+  // past N read row N − 1 again; their sums are never written.
+  const uint4* code_rows[kRows];
+  const T* scale_rows[kRows];
+  ZeroPoints<BITS> zeros[kRows];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    rows[j] = first_row + 8 * j + g < N ? first_row + 8 * j + g : N - 1;
+  for (int j = 0; j < kRows; ++j) {
+    const int row = first_row + 8 * j + g < N ? first_row + 8 * j + g : N - 1;
+    code_rows[j] = reinterpret_cast<const uint4*>(packed + static_cast<int64_t>(row) * words);
+    scale_rows[j] = scale + static_cast<int64_t>(row) * groups;
+    zeros[j] = ZeroPoints<BITS>(zero_packed, row, groups);
   }
-  float acc[MTILES][2][4];
+  // This thread's row of x in each B tile (m = 8·tile + g), null past M: its B fragments are
+  // zeros.
+  const T* x_rows[kTilesB];
 #pragma unroll
-  for (int mt = 0; mt < MTILES; ++mt) {
+  for (int tile = 0; tile < kTilesB; ++tile) {
+    const int m = 8 * tile + g;
+    x_rows[tile] = m < M ? x + static_cast<int64_t>(m) * K : nullptr;
+  }
+  const SmallDivisor slices_per_group(group_len / kSliceK);
+  float acc[2][kTilesB][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+  for (int a = 0; a < 2; ++a) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][j][i] = 0.f;
+    for (int tile = 0; tile < kTilesB; ++tile) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][tile][i] = 0.f;
     }
   }
 
-  for (int c = chunk_begin + warp; c < chunk_end; c += kMmaWarps) {
-    const int slice = 4 * c + t;
-    // The last chunk may hold fewer than four slices: a thread without one feeds zeros to
-    // the warp's mma (all 32 lanes must take part).
-    const bool live = slice < slices;
-    const int k0 = slice * kSliceK;
-    const int group = live ? k0 / group_len : 0;
-    uint4 codes[2];
-    float row_scale[2];
-    float biased_zero[2];
+  // The weight operands of chunk c: each row's slice of codes, scale and zero-point word.
+  // The last chunk may hold fewer than four slices: a thread without one feeds zeros to the
+  // warp's mma (all 32 lanes must take part). It reads the last slice again, without a
+  // branch, and scale 0 makes those weights zeros; its activations are zeros, not loads.
+  struct ChunkOperands {
+    uint4 codes[kRows];
+    T scales[kRows];
+    uint32_t zero_words[kRows];
+    int slice;
+  };
+  auto load_chunk = [&](int c, ChunkOperands& chunk) {
+    chunk.slice = 4 * c + t;
+    const int read_slice = chunk.slice < slices ? chunk.slice : slices - 1;
+    const int group = slices_per_group.divide(read_slice);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      codes[j] = make_uint4(0u, 0u, 0u, 0u);
-      row_scale[j] = 0.f;
-      biased_zero[j] = kCodeBias;
-      if (live) {
-        codes[j] = __ldg(reinterpret_cast<const uint4*>(
-            packed + static_cast<int64_t>(rows[j]) * words + k0 / kPerWord));
-        row_scale[j] = to_float(__ldg(scale + static_cast<int64_t>(rows[j]) * groups + group));
-        biased_zero[j] = kCodeBias + zero_of<BITS>(zero_packed, rows[j], group, groups);
-      }
+    for (int j = 0; j < kRows; ++j) {
+      chunk.codes[j] = __ldg(code_rows[j] + read_slice);
+      chunk.scales[j] = __ldg(scale_rows[j] + group);
+      chunk.zero_words[j] = zeros[j].load(group);
+    }
+  };
+
+  auto compute_chunk = [&](const ChunkOperands& chunk) {
+    const bool live = chunk.slice < slices;
+    const int k0 = chunk.slice * kSliceK;
+    PairDequantizer<T, BITS> dequantizer[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      dequantizer[j] = PairDequantizer<T, BITS>(zeros[j].code(chunk.zero_words[j]),
+                                                live ? chunk.scales[j] : from_float<T>(0.f));
     }
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
-      // B fragment (k × n, "col"): b[0] holds logical k 2t, 2t+1 and b[1] 2t+8, 2t+9 of
-      // column n = g, here the codes at physical k0 + 4s + {0, 1} and {2, 3}.
-      uint32_t b[2][2];
+      // B fragments (k × n, "col"), n = row of x: b[0] holds logical k 2t, 2t+1 and b[1]
+      // 2t+8, 2t+9 of column g, here physical k0 + 4s + {0, 1} and {2, 3}: one 8-byte load.
+      uint32_t b[kTilesB][2];
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const uint32_t word = lane_of(codes[j], (4 * s) / kPerWord);
-        const int first = (4 * s) % kPerWord;
-        float v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          v[q] = (biased_code<BITS>(word, first + q) - biased_zero[j]) * row_scale[j];
+      for (int tile = 0; tile < kTilesB; ++tile) {
+        uint2 pair = make_uint2(0u, 0u);
+        if (live && x_rows[tile] != nullptr) {
+          pair = __ldg(reinterpret_cast<const uint2*>(x_rows[tile] + k0 + 4 * s));
         }
-        b[j][0] = float_to_bits(v[0], T{}) | (float_to_bits(v[1], T{}) << 16);
-        b[j][1] = float_to_bits(v[2], T{}) | (float_to_bits(v[3], T{}) << 16);
+        b[tile][0] = pair.x;
+        b[tile][1] = pair.y;
       }
+      const int word = (4 * s) / kPerWord;
+      const int first = (4 * s) % kPerWord;
 #pragma unroll
-      for (int mt = 0; mt < MTILES; ++mt) {
-        // A fragment (m × k, "row"): a[0] = row g, logical k 2t, 2t+1; a[1] = row g + 8,
-        // same k; a[2], a[3] = the same rows at 2t+8, 2t+9. One 8-byte load per row.
-        uint32_t a[4];
+      for (int a_tile = 0; a_tile < 2; ++a_tile) {
+        // A fragment (m × k, "row"), m = row n: a[0] = row g, logical k 2t, 2t+1; a[1] =
+        // row g + 8, same k; a[2], a[3] = the same rows at 2t+8, 2t+9. Rows g and g + 8 of
+        // A tile a_tile are this thread's rows j = 2·a_tile and 2·a_tile + 1.
+        const int upper = 2 * a_tile;
+        const int lower = 2 * a_tile + 1;
+        const uint32_t upper_word = lane_of(chunk.codes[upper], word);
+        const uint32_t lower_word = lane_of(chunk.codes[lower], word);
+        const uint32_t a[4] = {
+            dequantizer[upper].pair(upper_word, first),
+            dequantizer[lower].pair(lower_word, first),
+            dequantizer[upper].pair(upper_word, first + 2),
+            dequantizer[lower].pair(lower_word, first + 2),
+        };
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int m = 16 * mt + 8 * half + g;
-          uint2 pair = make_uint2(0u, 0u);
-          if (live && m < M) {
-            pair = __ldg(reinterpret_cast<const uint2*>(x + static_cast<int64_t>(m) * K + k0 + 4 * s));
-          }
-          a[half] = pair.x;
-          a[2 + half] = pair.y;
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) mma_m16n8k16(acc[mt][j], a, b[j], T{});
+        for (int tile = 0; tile < kTilesB; ++tile) mma_m16n8k16(acc[a_tile][tile], a, b[tile], T{});
       }
+    }
+  };
+
+  if constexpr (kPrefetch) {
+    // Two stages in registers, alternating: chunk c + 1's loads are issued before chunk c's
+    // mma, so a warp keeps twice the bytes in flight while it computes.
+    ChunkOperands even, odd;
+    if (chunk_begin < chunk_end) load_chunk(chunk_begin, even);
+    for (int c = chunk_begin; c < chunk_end; c += 2) {
+      if (c + 1 < chunk_end) load_chunk(c + 1, odd);
+      compute_chunk(even);
+      if (c + 1 >= chunk_end) break;
+      if (c + 2 < chunk_end) load_chunk(c + 2, even);
+      compute_chunk(odd);
+    }
+  } else {
+    ChunkOperands chunk;
+    for (int c = chunk_begin; c < chunk_end; ++c) {
+      load_chunk(c, chunk);
+      compute_chunk(chunk);
     }
   }
 
-  // Accumulator i of n-tile j: row m = 16·mt + g (+8 for i ≥ 2), column 8j + 2t + (i & 1).
-  float* partial = compress_shared_memory<float>();  // (kMmaWarps, kTileM, 16)
+  // Accumulator i of (A tile, B tile): row n = 16·a_tile + g (+8 for i ≥ 2) of the warp's,
+  // row m = 8·tile + 2t + (i & 1) of x.
 #pragma unroll
-  for (int mt = 0; mt < MTILES; ++mt) {
+  for (int a_tile = 0; a_tile < 2; ++a_tile) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int tile = 0; tile < kTilesB; ++tile) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int m = 16 * mt + g + 8 * (i / 2);
-        const int n = 8 * j + 2 * t + (i % 2);
-        partial[(warp * kTileM + m) * kMmaRowsPerBlock + n] = acc[mt][j][i];
-      }
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTileM * kMmaRowsPerBlock; i += blockDim.x) {
-    const int m = i / kMmaRowsPerBlock;
-    const int n = first_row + i % kMmaRowsPerBlock;
-    if (m < M && n < N) {
-      float sum = 0.f;
-#pragma unroll
-      for (int v = 0; v < kMmaWarps; ++v) sum += partial[v * kTileM * kMmaRowsPerBlock + i];
-      if (partials == nullptr) {
-        out[static_cast<int64_t>(m) * N + n] = from_float<T>(sum);
-      } else {
-        partials[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = sum;
+        const int n = first_row + 16 * a_tile + g + 8 * (i / 2);
+        const int m = 8 * tile + 2 * t + (i % 2);
+        if (m < M && n < N) {
+          if (partials == nullptr) {
+            out[static_cast<int64_t>(m) * N + n] = from_float<T>(acc[a_tile][tile][i]);
+          } else {
+            partials[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = acc[a_tile][tile][i];
+          }
+        }
       }
     }
   }
@@ -449,9 +662,11 @@ void dequantize(const int32_t* packed, const T* scale, const int32_t* zero_packe
 }
 
 // How mma_gemm covers the output: enough blocks for two per SM, K split across blocks only
-// when the N tiles alone are too few, each split at least one chunk per warp.
+// when the blocks of 128 rows n alone are too few. Each split writes M·N float partial sums
+// that are read back once (8 bytes per output and split): at most as many splits as keep
+// that below the weight's bytes.
 struct MmaPlan {
-  int m_tiles;
+  int m_rows;  // accumulator rows: 8, 16, 32 or 64
   int blocks_n;
   int splits;
   int chunks_per_split;
@@ -460,12 +675,14 @@ struct MmaPlan {
 
 inline MmaPlan plan_mma(int M, int N, int K, int bits, int sm_count) {
   MmaPlan plan{};
-  plan.m_tiles = M <= 16 ? 1 : M <= 32 ? 2 : 4;
+  plan.m_rows = M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
   const int chunks = (K / slice_k + 3) / 4;
   const int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
-  const int most = chunks / kMmaWarps > 1 ? chunks / kMmaWarps : 1;
+  const int64_t by_traffic = static_cast<int64_t>(K) * bits / (64 * static_cast<int64_t>(M));
+  int most = chunks;
+  if (by_traffic < most) most = by_traffic < 1 ? 1 : static_cast<int>(by_traffic);
   const int splits = wanted < 1 ? 1 : wanted > most ? most : wanted;
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
@@ -473,16 +690,15 @@ inline MmaPlan plan_mma(int M, int N, int K, int bits, int sm_count) {
   return plan;
 }
 
-template <typename T, int BITS, int MTILES, typename Stream>
+template <typename T, int BITS, int MROWS, typename Stream>
 void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
                 T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
                 int group_len, Stream stream) {
-  auto* kernel = &mma_kernel<T, BITS, MTILES>;
+  auto* kernel = &mma_kernel<T, BITS, MROWS>;
   const dim3 grid(plan.blocks_n, plan.splits);
   const dim3 block(kWarp * kMmaWarps);
-  const unsigned shared_bytes = sizeof(float) * kMmaWarps * MTILES * 16 * kMmaRowsPerBlock;
   float* partials = plan.splits > 1 ? workspace : nullptr;
-  COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, x, packed, scale, zero_packed, out,
+  COMPRESS_LAUNCH(kernel, grid, block, 0u, stream, x, packed, scale, zero_packed, out,
                   partials, M, N, K, group_len, K / group_len, plan.chunks_per_split);
   if (plan.splits > 1) {
     constexpr int kThreads = 256;
@@ -501,9 +717,12 @@ void mma_gemm(const T* x, const int32_t* packed, const T* scale, const int32_t* 
               T* out, float* workspace, const MmaPlan& plan, int M, int N, int K, int group_len,
               Stream stream) {
   if (N == 0) return;
-  if (plan.m_tiles == 1) return launch_mma<T, BITS, 1>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-  if (plan.m_tiles == 2) return launch_mma<T, BITS, 2>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-  return launch_mma<T, BITS, 4>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  switch (plan.m_rows) {
+    case 8: return launch_mma<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 16: return launch_mma<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 32: return launch_mma<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    default: return launch_mma<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  }
 }
 
 }  // namespace compress_kernels

@@ -36,4 +36,11 @@ for op in ("gemv", "mma_gemm", "dequantize"):
     print(f"registered: {schema}")
 PY
 rm -f "$SO"
+# The kernels' machine code: main-loop instructions per weight, no spills, decode steps no
+# costlier on the tensor cores than on the GEMV (benchmarks/kernel_sass.py --check).
+if "${PIP[@]}" install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm; then
+    "$VENV/bin/python" benchmarks/kernel_sass.py --check
+else
+    echo "kernel machine-code check SKIPPED: cuobjdump / nvdisasm are not installable here"
+fi
 echo "cuda build check PASSED: cuda_ext compiles with nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') against torch $TORCH_CUDA_VERSION"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's GPU checks in one call: build cuda_ext, run the CUDA and emulated kernel tests,
-# then the kernel benchmark (Llama-3-8B shapes) and the decode benchmark (a random ~1B Llama).
+# Issue 4's GPU checks in one call: build cuda_ext, run the CUDA and emulated kernel tests and
+# the decode benchmark's tests (its CUDA-graph step), count the kernels' machine code, then the
+# kernel benchmark (Llama-3-8B shapes) and the decode benchmark (a random ~1B Llama).
 # Logs and tables go to $OUT (the device tool's result folder) or runs/gpu-check.
 #
 # On a CUDA machine with torch, nvcc and pytest (the device tool's H200 image has all three):
@@ -47,7 +48,9 @@ assert cuda_ops.load(), "cuda_ext did not build or load"
 print(f"cuda_ext built and loaded in {time.perf_counter() - start:.0f} s")
 PY
 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_matmul_cuda.py \
-    tests/kernels/test_dequant_matmul_emulated.py 2>&1 | tee "$OUT/tests.log" || status=1
+    tests/kernels/test_dequant_matmul_emulated.py tests/stages/test_bench_decode.py 2>&1 \
+    | tee "$OUT/tests.log" || status=1
+python3 benchmarks/kernel_sass.py --check 2>&1 | tee "$OUT/sass.md" || status=1
 for scheme in "--bits 4 --group-size 128" "--bits 4 --group-size 128 --asymmetric --dtype bfloat16" \
     "--bits 8 --group-size -1"; do
     # shellcheck disable=SC2086  # the scheme is a list of arguments

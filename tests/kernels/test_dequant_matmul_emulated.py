@@ -99,10 +99,11 @@ def test_gemv_matches_float32_reference(emulator, spec, dtype):
 
 # The tensor-core path: one m-tile (≤ 16 rows), two, four; full and partly filled.
 MMA_ROWS = (1, 5, 16, 17, 33, CUDA_MMA_MAX_ROWS)
-# (N, K, sm_count): one pass over K on a device the blocks fill, K = 576 with a partial last
+# (N, K, sm_count): two blocks of 128 rows n on a device they fill (one pass over K; the
+# second block's last warps are past N and its first is partly), K = 576 with a partial last
 # chunk for INT4 (where the group divides it), and a short N with many chunks on a small
 # device, so that the plan splits K across blocks and sums the splits.
-MMA_SHAPES = [(40, 640, 1), (40, 576, 1), (24, 2048, 4)]
+MMA_SHAPES = [(136, 640, 1), (136, 576, 1), (24, 2048, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -138,6 +139,15 @@ def test_dequantize_is_bit_exact(emulator, spec, dtype):
     assert_guards_intact(out_buffer, n * k)
     # (q − z)·s in float32, rounded once: what dequantize_packed computes on the CPU.
     assert torch.equal(out, reference.to(dtype))
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 4, 7, 18, 96, 128, 448, 4095])
+def test_small_divisor_is_exact(emulator, divisor):
+    """The tensor-core kernel finds a slice's group without an integer division: a float
+    estimate and a correction each way. Exact over the range it claims (n < 2^20), even with
+    the reciprocal a few units in the last place off, as fast-math's is on the device."""
+    for ulps in (-4, 0, 4):
+        assert emulator.small_divisor_errors(divisor, 2**20, ulps) == 0, ulps
 
 
 def test_gemv_rows_are_independent(emulator):
@@ -193,7 +203,7 @@ def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
 @pytest.mark.parametrize(
     ("leading", "k", "path"),
     [
-        ((1,), 256, "gemv"),
+        ((1,), 256, "mma"),
         ((3, 5), 256, "mma"),
         ((2, 20), 256, "mma"),
         ((5, 13), 256, "dequantize"),
@@ -202,7 +212,8 @@ def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
 )
 def test_cuda_dispatch_picks_the_kernel_by_rows(emulated_cuda_ops, leading, k, path):
     """compress::dequant_matmul's CUDA kernel, with the emulated ops in place of the compiled:
-    GEMV for few rows, tensor cores up to 64, dequantize + matmul above, any leading shape."""
+    tensor cores up to 64 rows (GEMV where they cannot run), dequantize + matmul above, any
+    leading shape."""
     spec = QuantSpec(4, 8 if k % 32 else 64, False)
     n = 24
     (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.bfloat16, seed=5)
@@ -217,9 +228,10 @@ def test_cuda_dispatch_picks_the_kernel_by_rows(emulated_cuda_ops, leading, k, p
 def test_cuda_path_rules():
     """The row limits and the tensor-core shape rules, without running anything."""
     path = kernels.cuda_path
-    assert path(CUDA_GEMV_ROWS, 4, 128, 4096, mma_capable=True) == "gemv"
-    assert path(CUDA_GEMV_ROWS + 1, 4, 128, 4096, mma_capable=True) == "mma"
-    assert path(CUDA_GEMV_ROWS + 1, 4, 128, 4096, mma_capable=False) == "gemv"
+    assert CUDA_GEMV_ROWS == 0  # the tensor cores take decode shapes too (see compress/kernels.py)
+    assert path(1, 4, 128, 4096, mma_capable=True) == "mma"
+    assert path(1, 4, 128, 4096, mma_capable=False) == "gemv"
+    assert path(CUDA_GEMV_MAX_ROWS, 4, 128, 4096, mma_capable=False) == "gemv"
     assert path(CUDA_GEMV_MAX_ROWS + 1, 4, 128, 4096, mma_capable=False) == "dequantize"
     assert path(CUDA_MMA_MAX_ROWS, 8, PER_CHANNEL, 4096, mma_capable=True) == "mma"
     assert path(CUDA_MMA_MAX_ROWS + 1, 4, 128, 4096, mma_capable=True) == "dequantize"
@@ -233,6 +245,6 @@ def test_cuda_dispatch_casts_scales_to_the_activation_dtype(emulated_cuda_ops):
     assert scale.dtype == torch.float32
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(6)).half()
     got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
-    assert emulated_cuda_ops == ["gemv"] and got.dtype == torch.float16
+    assert emulated_cuda_ops == ["mma_gemm"] and got.dtype == torch.float16
     expected = x.float() @ reference.t()
     assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]

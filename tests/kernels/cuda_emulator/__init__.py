@@ -69,6 +69,7 @@ class EmulatedKernels:
         self.last_splits = 0
         for name in ("emulated_gemv", "emulated_mma_gemm", "emulated_dequantize"):
             getattr(self._lib, name).restype = ctypes.c_char_p
+        self._lib.emulated_small_divisor_errors.restype = ctypes.c_long
 
     @staticmethod
     def _ptr(tensor: torch.Tensor | None) -> ctypes.c_void_p:
@@ -120,6 +121,11 @@ class EmulatedKernels:
         )  # fmt: skip
         self._check(problem)
         return out
+
+    def small_divisor_errors(self, divisor: int, n_end: int, ulps: int) -> int:
+        """Quotients n / divisor, 0 ≤ n < n_end, that the kernels' SmallDivisor gets wrong
+        when its float inverse is `ulps` units in the last place off."""
+        return self._lib.emulated_small_divisor_errors(divisor, n_end, ulps)
 
 
 def load() -> EmulatedKernels | str:

@@ -320,6 +320,19 @@ inline float __uint_as_float(unsigned int bits) {
   return value;
 }
 
+// prmt.b32 in its default mode: byte n of the result is byte s[4n + 2 : 4n] of y:x (x the
+// low four). The kernels' selectors leave bit 3 of each nibble (sign replication) clear.
+inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+  const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned int result = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned int nibble = (s >> (4 * n)) & 0xFu;
+    if (nibble & 0x8u) cuda_emu::report("__byte_perm: sign-replicating selectors are not emulated");
+    result |= static_cast<unsigned int>((bytes >> (8 * (nibble & 0x7u))) & 0xFFu) << (8 * n);
+  }
+  return result;
+}
+
 template <typename T>
 T* compress_shared_memory() {
   return reinterpret_cast<T*>(cuda_emu::g_block->shared.data());

@@ -77,3 +77,15 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
     else call(__nv_bfloat16{});
   });
 }
+
+// How many n in [0, n_end) SmallDivisor(d) divides wrongly, with its float inverse moved
+// `ulps` units in the last place: the device's fast-math reciprocal is not correctly rounded.
+extern "C" long emulated_small_divisor_errors(int d, int n_end, int ulps) {
+  compress_kernels::SmallDivisor divisor(d);
+  for (int i = 0; i < (ulps < 0 ? -ulps : ulps); ++i) {
+    divisor.inverse = std::nextafter(divisor.inverse, ulps > 0 ? 2.f : 0.f);
+  }
+  long wrong = 0;
+  for (int n = 0; n < n_end; ++n) wrong += divisor.divide(n) != n / d;
+  return wrong;
+}

@@ -1,0 +1,300 @@
+"""Machine-code cost of the cuda_ext kernels, without a GPU: what each main loop issues per weight.
+
+Compiles `cuda_ext/dequant_matmul_kernels.cuh` for one architecture (sm_90 by default) with the
+build's nvcc flags, in one instantiation unit without ATen, disassembles it with cuobjdump,
+finds each kernel's main loop (the longest backward branch) and counts its instructions per
+weight it consumes. The weights a loop consumes follow from the kernel's structure; the script
+checks that against the loop's own FFMA (GEMV) or HMMA (tensor-core) count and stops if they
+disagree, so a changed kernel cannot leave it counting the wrong thing.
+
+This is a static count, not a timing. It answers one question a GPU run would otherwise have
+to: can the loop issue fast enough to keep up with the weight stream? The last column models
+that for the 4096×14336 projection: the loop's warp instructions over 132 SMs × 4 schedulers
+× 1.98 GHz (an H100 SXM issuing one instruction per scheduler per cycle), against 8.8 µs to
+read its INT4 g128 weights at 3.35 TB/s (INT8: 17.5 µs). Loads, latency and the tensor cores'
+own rate are not in it: benchmarks/kernel.py measures those.
+
+Needs nvcc, cuobjdump and the nvdisasm it runs: on PATH, under $CUDA_HOME/bin, or from the
+PyPI packages `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` in this Python's environment.
+
+    python benchmarks/kernel_sass.py [--arch sm_90] [--check]
+
+`--check` (run by scripts/check_cuda_build.sh in CI) also fails when a kernel spills registers
+or when the tensor-core kernel at M ≤ 8 issues more per weight than the GEMV at M = 1: the
+dispatch sends decode steps to the tensor cores on that ground (compress/kernels.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "cuda_ext"
+# The flags of setup.py and compress/cuda_ops.py (torch's extension build adds the last).
+NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+# What the H100 SXM model of the last column assumes (see the docstring).
+ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
+MODEL_K, MODEL_N = 4096, 14336
+WEIGHT_READ_US = {4: 8.8, 8: 17.5}
+DEQUANTIZE_OPS = ("PRMT", "LOP3", "HADD2", "HMUL2", "SHF", "FADD", "FMUL", "F2FP")
+DTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel instantiation and the weights one trip through its main loop consumes."""
+
+    kernel: str  # "gemv" or "mma"
+    dtype: str
+    bits: int
+    rows: int  # M the instantiation serves (its accumulator rows)
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    def template(self) -> str:
+        t = DTYPES[self.dtype]
+        if self.kernel == "gemv":
+            block_rows = 4 if self.rows <= 4 else 2  # gemv_rows_per_block
+            return f"gemv_kernel<{t}, {self.bits}, {self.rows}, {block_rows}>"
+        return f"mma_kernel<{t}, {self.bits}, {self.rows}>"
+
+    def signature(self) -> str:
+        t = DTYPES[self.dtype]
+        common = f"const {t}*, const int32_t*, const {t}*, const int32_t*, {t}*"
+        if self.kernel == "gemv":
+            return f"({common}, int, int, int, int, int)"
+        return f"({common}, float*, int, int, int, int, int, int)"
+
+    def weights_per_trip(self) -> int:
+        """Per thread: GEMV, two words (unroll 2) of each of its block rows; tensor cores,
+        one slice of each of its four rows per chunk, two chunks where it prefetches."""
+        if self.kernel == "gemv":
+            return 2 * (4 if self.rows <= 4 else 2) * self.per_word
+        chunks = 2 if self.rows <= 32 else 1
+        return chunks * 4 * 4 * self.per_word
+
+    def expected_math(self) -> tuple[str, int]:
+        """The loop's multiply-adds per trip, as the kernel's structure implies them."""
+        if self.kernel == "gemv":
+            block_rows = 4 if self.rows <= 4 else 2
+            return "FFMA", 2 * block_rows * self.rows * (self.per_word + 1)
+        chunks = 2 if self.rows <= 32 else 1
+        steps = self.per_word  # slice_k / 4
+        return "HMMA", chunks * steps * 2 * (self.rows // 8)
+
+
+VARIANTS = [
+    *(Variant("gemv", d, 4, m) for d in DTYPES for m in (1, 4)),
+    *(Variant("mma", d, 4, m) for d in DTYPES for m in (8, 16, 32, 64)),
+    *(Variant("gemv", d, 8, 1) for d in DTYPES),
+    *(Variant("mma", d, 8, m) for d in DTYPES for m in (8, 16)),
+]
+
+
+def find_tool(name: str) -> str:
+    """A CUDA tool on PATH, under $CUDA_HOME/bin, or in a pip-installed nvidia package."""
+    found = shutil.which(name)
+    if found:
+        return found
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates = [Path(cuda_home) / "bin" / name]
+    candidates += sorted(Path(sysconfig.get_paths()["purelib"]).glob(f"nvidia/*/bin/{name}"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    package = {"cuobjdump": "nvidia-cuda-cuobjdump", "nvdisasm": "nvidia-cuda-nvdisasm"}
+    hint = f" (pip install {package[name]})" if name in package else ""
+    raise SystemExit(f"benchmarks/kernel_sass.py: {name} not found{hint}")
+
+
+def instantiation_unit(variants: list[Variant]) -> str:
+    lines = ['#include "device_environment.cuh"', '#include "dequant_matmul_kernels.cuh"']
+    for v in variants:
+        lines.append(f"template __global__ void compress_kernels::{v.template()}{v.signature()};")
+    return "\n".join(lines) + "\n"
+
+
+def compile_and_disassemble(variants: list[Variant], arch: str) -> tuple[str, str]:
+    """(ptxas resource report, SASS listing)."""
+    nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
+    # cuobjdump runs nvdisasm for SASS and looks for it on PATH.
+    path = os.pathsep.join([str(Path(find_tool("nvdisasm")).parent), os.environ.get("PATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        source, cubin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.cubin"
+        source.write_text(instantiation_unit(variants))
+        command = [
+            nvcc, *NVCC_FLAGS, f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+            f"-I{KERNELS_DIR}", str(source), "-o", str(cubin),
+        ]  # fmt: skip
+        built = subprocess.run(command, capture_output=True, text=True, check=False)
+        if built.returncode != 0:
+            raise SystemExit(f"nvcc failed:\n{built.stderr[-4000:]}")
+        sass = subprocess.run(
+            [cuobjdump, "-sass", str(cubin)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PATH": path},
+        )
+        if sass.returncode != 0 or "Function :" not in sass.stdout:
+            raise SystemExit(f"cuobjdump -sass failed:\n{sass.stderr[-4000:]}")
+        return built.stderr + built.stdout, sass.stdout
+
+
+def mangled_stem(v: Variant) -> str:
+    """The part of the mangled name that tells the instantiations apart."""
+    t = {"float16": "6__half", "bfloat16": "13__nv_bfloat16"}[v.dtype]
+    if v.kernel == "gemv":
+        block_rows = 4 if v.rows <= 4 else 2
+        return f"gemv_kernelI{t}Li{v.bits}ELi{v.rows}ELi{block_rows}EE"
+    return f"mma_kernelI{t}Li{v.bits}ELi{v.rows}EE"
+
+
+def resources(report: str) -> dict[str, tuple[int, int]]:
+    """Mangled kernel name → (registers, spill bytes stored + loaded)."""
+    found: dict[str, tuple[int, int]] = {}
+    name = None
+    spills = 0
+    for line in report.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            name = m.group(1)
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            spills = int(m.group(1)) + int(m.group(2))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name:
+            found[name] = (int(m.group(1)), spills)
+    return found
+
+
+# "  /*0af0*/   @!P2 LDG.E.128.CONSTANT R20, ..." → address, opcode (after any predicate).
+INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")
+
+
+def functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
+    """Mangled name → [(address, opcode, line)]."""
+    listing: dict[str, list[tuple[int, str, str]]] = {}
+    current = None
+    for line in sass.splitlines():
+        if m := re.search(r"Function : (\S+)", line):
+            current = m.group(1)
+            listing[current] = []
+        elif current and (m := INSTRUCTION.match(line)):
+            listing[current].append((int(m.group(1), 16), m.group(2), line))
+    return listing
+
+
+def main_loop(instructions: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The instructions under the longest backward branch."""
+    best: list[tuple[int, str, str]] = []
+    for address, opcode, line in instructions:
+        if opcode.startswith("BRA") and (m := re.search(r"BRA[^0-9]*0x([0-9a-f]+)", line)):
+            target = int(m.group(1), 16)
+            if target < address:
+                body = [i for i in instructions if target <= i[0] <= address]
+                best = body if len(body) > len(best) else best
+    return best
+
+
+def measure(variants: list[Variant], arch: str) -> list[dict]:
+    report, sass = compile_and_disassemble(variants, arch)
+    regs = resources(report)
+    listing = functions(sass)
+    rows = []
+    for v in variants:
+        names = [n for n in listing if mangled_stem(v) in n]
+        if len(names) != 1:
+            raise SystemExit(f"{v.template()}: found {len(names)} matching functions in the SASS")
+        loop = main_loop(listing[names[0]])
+        counts = collections.Counter(op.split(".")[0] for _, op, _ in loop)
+        math_op, expected = v.expected_math()
+        if counts[math_op] != expected:
+            raise SystemExit(
+                f"{v.template()}: the main loop has {counts[math_op]} {math_op}, the kernel's "
+                f"structure implies {expected}: this script's model of the kernel is stale"
+            )
+        weights = v.weights_per_trip()
+        per_weight = len(loop) / weights
+        registers, spills = regs.get(names[0], (0, 0))
+        rows.append(
+            {
+                "variant": v,
+                "registers": registers,
+                "spills": spills,
+                "loop": len(loop),
+                "weights": weights,
+                "per_weight": per_weight,
+                "dequantize": sum(counts[op] for op in DEQUANTIZE_OPS) / weights,
+                "loads": counts["LDG"] / weights,
+                "issue_us": MODEL_K * MODEL_N / 32 * per_weight / ISSUE_RATE * 1e6,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict], arch: str) -> str:
+    lines = [
+        f"## cuda_ext main loops, {arch} machine code (static counts, not timings)",
+        "",
+        "| kernel | activations | weights | M | registers | spill bytes | loop instructions "
+        "| weights per loop (per thread) | instructions per weight | of which dequantize "
+        "| loads per weight | issue µs at 4096×14336 (H100 model) | weight read µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v = r["variant"]
+        m = f"1–{v.rows}" if v.kernel == "mma" else ("1" if v.rows == 1 else f"≤ {v.rows}")
+        lines.append(
+            f"| {'tensor cores' if v.kernel == 'mma' else 'GEMV'} | {v.dtype} | INT{v.bits} | {m} "
+            f"| {r['registers']} | {r['spills']} | {r['loop']} | {r['weights']} "
+            f"| {r['per_weight']:.2f} | {r['dequantize']:.2f} | {r['loads']:.3f} "
+            f"| {r['issue_us']:.1f} | {WEIGHT_READ_US[v.bits]} |"
+        )
+    return "\n".join(lines)
+
+
+def check(rows: list[dict]) -> list[str]:
+    """What breaks the kernels' design rules: spills, and decode steps cheaper on the GEMV."""
+    problems = [
+        f"{r['variant'].template()} spills {r['spills']} bytes" for r in rows if r["spills"]
+    ]
+    for dtype in DTYPES:
+        for bits in (4, 8):
+            cost = {
+                (r["variant"].kernel, r["variant"].rows): r["per_weight"]
+                for r in rows
+                if r["variant"].dtype == dtype and r["variant"].bits == bits
+            }
+            if cost[("mma", 8)] > cost[("gemv", 1)]:
+                problems.append(
+                    f"{dtype} INT{bits}: the tensor-core kernel at M ≤ 8 issues "
+                    f"{cost[('mma', 8)]:.2f} instructions per weight, the GEMV at M = 1 "
+                    f"{cost[('gemv', 1)]:.2f}: revisit CUDA_GEMV_ROWS in compress/kernels.py"
+                )
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90", help="nvcc -arch (default sm_90)")
+    parser.add_argument("--check", action="store_true", help="fail on spills or a costlier mma")
+    args = parser.parse_args(argv)
+    rows = measure(VARIANTS, args.arch)
+    print(table(rows, args.arch))
+    problems = check(rows) if args.check else []
+    for problem in problems:
+        sys.stderr.write(f"kernel_sass: {problem}\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
