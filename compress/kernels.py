@@ -37,15 +37,16 @@ def check_dequant_matmul_args(
     group_size: int,
     in_features: int,
 ) -> None:
-    """Shape/dtype checks shared by every implementation; errors name the shapes."""
-    shapes = (
-        f"(x {tuple(x.shape)}, weight_packed {tuple(weight_packed.shape)}, "
-        f"scale {tuple(scale.shape)}, zero_point "
-        f"{None if zero_point is None else tuple(zero_point.shape)}, bits={bits}, "
-        f"group_size={group_size})"
-    )
+    """Shape/dtype checks shared by every implementation; errors name the shapes. Every
+    quantized layer runs them on every call, so the message is built only on failure."""
 
     def fail(problem: str) -> None:
+        shapes = (
+            f"(x {tuple(x.shape)}, weight_packed {tuple(weight_packed.shape)}, "
+            f"scale {tuple(scale.shape)}, zero_point "
+            f"{None if zero_point is None else tuple(zero_point.shape)}, bits={bits}, "
+            f"group_size={group_size})"
+        )
         raise ValueError(f"dequant_matmul: {problem} {shapes}")
 
     if bits not in (4, 8):
@@ -159,8 +160,8 @@ def _dequant_matmul_fake(
 # rows); where it cannot, the GEMV takes up to CUDA_GEMV_MAX_ROWS; above either, the weight is
 # dequantized once by the CUDA kernel and multiplied by cuBLAS. The GEMV would also take
 # M ≤ CUDA_GEMV_ROWS where the tensor cores can run: 0, because for the same bytes read the
-# tensor-core kernel issues 3.5 instructions per weight at M ≤ 8 and the GEMV 8.3 (sm_90
-# machine code, benchmarks/kernel_sass.py). Unmeasured on a GPU: benchmarks/kernel.py times
+# tensor-core kernel issues 3.1–3.3 instructions per INT4 weight at M ≤ 8 and the GEMV 8.3
+# (sm_90 machine code, benchmarks/kernel_sass.py). Unmeasured on a GPU: benchmarks/kernel.py times
 # both kernels at every M, to confirm or move this.
 CUDA_GEMV_ROWS = 0
 CUDA_GEMV_MAX_ROWS = 16

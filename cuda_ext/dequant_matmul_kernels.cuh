@@ -204,19 +204,25 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t b
 #endif
 }
 
-// What a row's group contributes to every pair: kMagic + z and the scale, in both halves.
+// What a row's group contributes to every pair: kMagic + z and the scale, in both halves;
+// for fp16 also −(kMagic / 16 + z) = −(64 + z), for codes read 16 times too large (below).
 template <typename T>
 struct PairedGroup {
   typename Paired<T>::type biased_zero;
   typename Paired<T>::type scale;
+  typename Paired<T>::type sixteenth_offset;
 };
 
 template <typename T>
 __device__ __forceinline__ PairedGroup<T> paired_group(uint32_t zero, T scale) {
   const uint32_t zero_bits = Paired<T>::kMagicBits | zero;  // kMagic + z, exactly
   const uint32_t scale_bits = bits_of(scale);
+  // fp16 −(64 + z) for z < 64: sign, the exponent of 64, z in mantissa units of 1/16 (unused
+  // for bf16).
+  const uint32_t offset_bits = 0xD400u | (zero << 4);
   return {paired_from_bits<T>(zero_bits | (zero_bits << 16)),
-          paired_from_bits<T>(scale_bits | (scale_bits << 16))};
+          paired_from_bits<T>(scale_bits | (scale_bits << 16)),
+          paired_from_bits<T>(offset_bits | (offset_bits << 16))};
 }
 
 // Values 2p and 2p + 1 of a packed word, (q − z)·s, as two T in one register (the first in
@@ -249,6 +255,38 @@ struct PairDequantizer {
   __device__ __forceinline__ PairDequantizer(uint32_t zero, T scale) : group(paired_group<T>(zero, scale)) {}
   __device__ __forceinline__ uint32_t pair(uint32_t word, int first) const {
     return dequantize_pair<T, BITS>(word, first / 2, group);
+  }
+
+  // INT4: the word's eight values as the four pairs (i, i + 4), i = 0…3, one register each.
+  // Nibble i of both halves is values i and i + 4, so no byte permute is needed: one LOP3
+  // keeps a nibble where it is and sets the magic exponent. A code at bits 4–7 of a half
+  // reads as kMagic + 16·q, which fp16 (10 mantissa bits) holds exactly: one HFMA2 scales it
+  // by 1/16 and subtracts 64 + z at once, exactly, so fp16 shifts the word once (by 8) for
+  // four pairs. bf16 (7 mantissa bits) cannot hold 16·q and shifts each nibble down.
+  __device__ __forceinline__ void spread_pairs(uint32_t word, uint32_t (&out)[4]) const {
+    static_assert(BITS == 4, "pairs (i, i + 4) are of INT4 words");
+    constexpr uint32_t kMagic2 = Paired<T>::kMagicBits * 0x10001u;
+    using Pair = typename Paired<T>::type;
+    const auto low = [&](uint32_t bits) {  // a code at bits 0–3 of each half
+      const Pair biased = paired_from_bits<T>(and_or(bits, 0x000F000Fu, kMagic2));
+      return paired_to_bits<T>(__hmul2_rn(__hsub2(biased, group.biased_zero), group.scale));
+    };
+    if constexpr (Paired<T>::kMantissaBits >= 8) {
+      const Pair sixteenth = paired_from_bits<T>(0x2C002C00u);  // 1/16 in both halves
+      const auto high = [&](uint32_t bits) {  // a code at bits 4–7 of each half: 16·q
+        const Pair biased = paired_from_bits<T>(and_or(bits, 0x00F000F0u, kMagic2));
+        const Pair centered = __hfma2(biased, sixteenth, group.sixteenth_offset);
+        return paired_to_bits<T>(__hmul2_rn(centered, group.scale));
+      };
+      const uint32_t upper = word >> 8;
+      out[0] = low(word);
+      out[1] = high(word);
+      out[2] = low(upper);
+      out[3] = high(upper);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = low(word >> (4 * i));
+    }
   }
 };
 template <typename T, int BITS>
@@ -452,6 +490,11 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
   // A second chunk of weight operands in registers, while the accumulators leave room: at
   // MROWS = 64 they alone take 64 registers and the second stage would spill.
   constexpr bool kPrefetch = MROWS <= 32;
+  // INT4 at small M pairs the weights as they lie in a word, (i, i + 4), which saves the
+  // dequantization a byte permute per pair (fp16 also three shifts per word) and costs the
+  // activations two per B tile and step. Counted in the machine code
+  // (benchmarks/kernel_sass.py), that gains up to two B tiles for fp16, up to one for bf16.
+  constexpr bool kSpread = BITS == 4 && MROWS <= (Paired<T>::kMantissaBits >= 8 ? 16 : 8);
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int g = lane / 4;
@@ -526,39 +569,91 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
       dequantizer[j] = PairDequantizer<T, BITS>(zeros[j].code(chunk.zero_words[j]),
                                                 live ? chunk.scales[j] : from_float<T>(0.f));
     }
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      // B fragments (k × n, "col"), n = row of x: b[0] holds logical k 2t, 2t+1 and b[1]
-      // 2t+8, 2t+9 of column g, here physical k0 + 4s + {0, 1} and {2, 3}: one 8-byte load.
-      uint32_t b[kTilesB][2];
-#pragma unroll
-      for (int tile = 0; tile < kTilesB; ++tile) {
-        uint2 pair = make_uint2(0u, 0u);
-        if (live && x_rows[tile] != nullptr) {
-          pair = __ldg(reinterpret_cast<const uint2*>(x_rows[tile] + k0 + 4 * s));
-        }
-        b[tile][0] = pair.x;
-        b[tile][1] = pair.y;
-      }
-      const int word = (4 * s) / kPerWord;
-      const int first = (4 * s) % kPerWord;
+    // One k-step of the warp: both A tiles times every B tile.
+    const auto mma_step = [&](const uint32_t (&a)[2][4], const uint32_t (&b)[kTilesB][2]) {
 #pragma unroll
       for (int a_tile = 0; a_tile < 2; ++a_tile) {
-        // A fragment (m × k, "row"), m = row n: a[0] = row g, logical k 2t, 2t+1; a[1] =
-        // row g + 8, same k; a[2], a[3] = the same rows at 2t+8, 2t+9. Rows g and g + 8 of
-        // A tile a_tile are this thread's rows j = 2·a_tile and 2·a_tile + 1.
-        const int upper = 2 * a_tile;
-        const int lower = 2 * a_tile + 1;
-        const uint32_t upper_word = lane_of(chunk.codes[upper], word);
-        const uint32_t lower_word = lane_of(chunk.codes[lower], word);
-        const uint32_t a[4] = {
-            dequantizer[upper].pair(upper_word, first),
-            dequantizer[lower].pair(lower_word, first),
-            dequantizer[upper].pair(upper_word, first + 2),
-            dequantizer[lower].pair(lower_word, first + 2),
-        };
 #pragma unroll
-        for (int tile = 0; tile < kTilesB; ++tile) mma_m16n8k16(acc[a_tile][tile], a, b[tile], T{});
+        for (int tile = 0; tile < kTilesB; ++tile) mma_m16n8k16(acc[a_tile][tile], a[a_tile], b[tile], T{});
+      }
+    };
+    // A fragment (m × k, "row"), m = row n: a[0] = row g, logical k 2t, 2t+1; a[1] = row
+    // g + 8, same k; a[2], a[3] = the same rows at 2t+8, 2t+9. Rows g and g + 8 of A tile
+    // a_tile are this thread's rows j = 2·a_tile and 2·a_tile + 1. B fragment (k × n,
+    // "col"), n = row of x: b[0] holds logical k 2t, 2t+1 of column g, b[1] 2t+8, 2t+9.
+    if constexpr (kSpread) {
+      // Step (word w, half h) maps logical k {2t, 2t+1, 2t+8, 2t+9} to physical k
+      // k0 + 8w + {2h, 2h+4, 2h+1, 2h+5}: the weights' pairs (i, i + 4), as they lie in a
+      // word (spread_pairs), and the activations from one 16-byte load per word and row of
+      // x, two byte permutes per register.
+#pragma unroll
+      for (int w = 0; w < kSliceK / kPerWord; ++w) {
+        uint4 xs[kTilesB];
+#pragma unroll
+        for (int tile = 0; tile < kTilesB; ++tile) {
+          xs[tile] = make_uint4(0u, 0u, 0u, 0u);
+          if (live && x_rows[tile] != nullptr) {
+            xs[tile] = __ldg(reinterpret_cast<const uint4*>(x_rows[tile] + k0 + 8 * w));
+          }
+        }
+        uint32_t pairs[kRows][4];
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) dequantizer[j].spread_pairs(lane_of(chunk.codes[j], w), pairs[j]);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t b[kTilesB][2];
+#pragma unroll
+          for (int tile = 0; tile < kTilesB; ++tile) {
+            // (x[2h], x[2h+1]) and (x[2h+4], x[2h+5]) → (x[2h], x[2h+4]), (x[2h+1], x[2h+5]).
+            const uint32_t first = lane_of(xs[tile], h);
+            const uint32_t second = lane_of(xs[tile], h + 2);
+            b[tile][0] = __byte_perm(first, second, 0x5410u);
+            b[tile][1] = __byte_perm(first, second, 0x7632u);
+          }
+          uint32_t a[2][4];
+#pragma unroll
+          for (int a_tile = 0; a_tile < 2; ++a_tile) {
+            const int upper = 2 * a_tile;
+            const int lower = 2 * a_tile + 1;
+            a[a_tile][0] = pairs[upper][2 * h];
+            a[a_tile][1] = pairs[lower][2 * h];
+            a[a_tile][2] = pairs[upper][2 * h + 1];
+            a[a_tile][3] = pairs[lower][2 * h + 1];
+          }
+          mma_step(a, b);
+        }
+      }
+    } else {
+      // Step s maps logical k {2t, 2t+1, 2t+8, 2t+9} to physical k k0 + 4s + {0, 1, 2, 3}:
+      // consecutive pairs of the weights (PairDequantizer::pair) and one 8-byte load per row
+      // of x, which lands as the B fragment's two registers.
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        uint32_t b[kTilesB][2];
+#pragma unroll
+        for (int tile = 0; tile < kTilesB; ++tile) {
+          uint2 pair = make_uint2(0u, 0u);
+          if (live && x_rows[tile] != nullptr) {
+            pair = __ldg(reinterpret_cast<const uint2*>(x_rows[tile] + k0 + 4 * s));
+          }
+          b[tile][0] = pair.x;
+          b[tile][1] = pair.y;
+        }
+        const int word = (4 * s) / kPerWord;
+        const int first = (4 * s) % kPerWord;
+        uint32_t a[2][4];
+#pragma unroll
+        for (int a_tile = 0; a_tile < 2; ++a_tile) {
+          const int upper = 2 * a_tile;
+          const int lower = 2 * a_tile + 1;
+          const uint32_t upper_word = lane_of(chunk.codes[upper], word);
+          const uint32_t lower_word = lane_of(chunk.codes[lower], word);
+          a[a_tile][0] = dequantizer[upper].pair(upper_word, first);
+          a[a_tile][1] = dequantizer[lower].pair(lower_word, first);
+          a[a_tile][2] = dequantizer[upper].pair(upper_word, first + 2);
+          a[a_tile][3] = dequantizer[lower].pair(lower_word, first + 2);
+        }
+        mma_step(a, b);
       }
     }
   };

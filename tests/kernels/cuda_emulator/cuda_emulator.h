@@ -333,6 +333,16 @@ inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) 
   return result;
 }
 
+// The toolkit's headers have no host __hfma2: a·b + c per half, rounded once (the sum of the
+// exact product and c, in double: exact for the kernels' operands).
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+  const auto lane = [](float x, float y, float z) {
+    return __double2half(static_cast<double>(x) * y + z);
+  };
+  return __halves2half2(lane(__low2float(a), __low2float(b), __low2float(c)),
+                        lane(__high2float(a), __high2float(b), __high2float(c)));
+}
+
 template <typename T>
 T* compress_shared_memory() {
   return reinterpret_cast<T*>(cuda_emu::g_block->shared.data());
