@@ -160,14 +160,12 @@ struct Paired;
 template <>
 struct Paired<__half> {
   using type = __half2;
-  using raw = __half2_raw;
   static constexpr uint32_t kMagicBits = 0x6400u;  // 1024
   static constexpr int kMantissaBits = 10;
 };
 template <>
 struct Paired<__nv_bfloat16> {
   using type = __nv_bfloat162;
-  using raw = __nv_bfloat162_raw;
   static constexpr uint32_t kMagicBits = 0x4300u;  // 128
   static constexpr int kMantissaBits = 7;
 };
@@ -464,11 +462,13 @@ constexpr int mma_slice_k() {
 // warps own different rows and read the same activations at the same time, so three of
 // every four activation loads hit L1: the activations cross L2 once per 128 output rows.
 //
-// No repack is needed because an mma sums over its 16 k in any order: step s of a slice
-// feeds the mma's logical k {2t, 2t+1, 2t+8, 2t+9} with physical k slice_start + 4s +
-// {0, 1, 2, 3}, for the weights (A, dequantized in registers by PairDequantizer) and the
-// activations (B, one 8-byte load per row of x, which lands as the fragment's two
-// registers) alike. Each A fragment serves MROWS / 8 mma, each B fragment two.
+// No repack is needed because an mma sums over its 16 k in any order: each step feeds the
+// mma's logical k {2t, 2t+1, 2t+8, 2t+9} with four physical k of the thread's slice, the
+// same for the weights (A, dequantized in registers by PairDequantizer) and the activations
+// (B). Consecutive k (slice_start + 4s + {0, 1, 2, 3}) let one 8-byte load of x land as the
+// B fragment's two registers; spread k (8w + {2h, 2h+4, 2h+1, 2h+5}, INT4 at small M) take
+// the weights' pairs as they lie in a word (see kSpread). Each A fragment serves MROWS / 8
+// mma, each B fragment two.
 //
 // Partial sums stay in the mma accumulators, and each warp writes its own outputs: T with
 // one split; with several, float partial sums that sum_splits_kernel adds in a fixed order
