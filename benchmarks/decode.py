@@ -262,19 +262,30 @@ class StaticDecoder:
 
 
 @torch.inference_mode()
-def graph_tokens_per_s(model: nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> float:
-    """Decode tok/s of one greedy step captured as a CUDA graph and replayed (see the module
-    docstring). Raises RuntimeError where the step cannot be captured."""
-    decoder = StaticDecoder(model, prompt, args.new_tokens + 2)
+def capture_step(decoder: StaticDecoder) -> torch.cuda.CUDAGraph:
+    """`decoder.step()` as a CUDA graph, after two eager warm-up steps on a side stream
+    (handles and workspaces are made outside the capture); the decoder is then rewound, so
+    the first replay is the first decode step. Raises RuntimeError where it cannot be
+    captured."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: handles, workspaces
+    with torch.cuda.stream(side):
         decoder.step()
         decoder.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decoder.step()
+    decoder.rewind()
+    return graph
+
+
+@torch.inference_mode()
+def graph_tokens_per_s(model: nn.Module, prompt: torch.Tensor, args: argparse.Namespace) -> float:
+    """Decode tok/s of one greedy step captured as a CUDA graph and replayed (see the module
+    docstring). Raises RuntimeError where the step cannot be captured."""
+    decoder = StaticDecoder(model, prompt, args.new_tokens + 2)
+    graph = capture_step(decoder)
     seconds = []
     for _ in range(args.repeats):
         decoder.rewind()
@@ -340,9 +351,10 @@ def measure(model: nn.Module, label: str, prompt: torch.Tensor, args: argparse.N
         tokens_per_s,
         "—" if graphed is None else f"{graphed:.1f}",
     )
-    row = Row(label, batch, 1e3 * prefill_s, tokens_per_s, weight_bytes(model), peak)
-    row.graph_tokens_per_s = graphed
-    return row
+    return Row(
+        label, batch, 1e3 * prefill_s, tokens_per_s, weight_bytes(model), peak,
+        graph_tokens_per_s=graphed,
+    )  # fmt: skip
 
 
 def render(rows: list[Row], header: list[str], dense_label: str, cuda: bool) -> str:

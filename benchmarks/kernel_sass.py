@@ -62,12 +62,28 @@ class Variant:
     def per_word(self) -> int:
         return 32 // self.bits
 
+    @property
+    def block_rows(self) -> int:
+        """GEMV output rows per block (gemv_rows_per_block in the header)."""
+        return 4 if self.rows <= 4 else 2
+
+    @property
+    def chunks(self) -> int:
+        """Tensor-core chunks per trip: two where the kernel prefetches (kPrefetch)."""
+        return 2 if self.rows <= 32 else 1
+
     def template(self) -> str:
         t = DTYPES[self.dtype]
         if self.kernel == "gemv":
-            block_rows = 4 if self.rows <= 4 else 2  # gemv_rows_per_block
-            return f"gemv_kernel<{t}, {self.bits}, {self.rows}, {block_rows}>"
+            return f"gemv_kernel<{t}, {self.bits}, {self.rows}, {self.block_rows}>"
         return f"mma_kernel<{t}, {self.bits}, {self.rows}>"
+
+    def mangled_stem(self) -> str:
+        """The part of the mangled name that tells the instantiations apart."""
+        t = {"float16": "6__half", "bfloat16": "13__nv_bfloat16"}[self.dtype]
+        if self.kernel == "gemv":
+            return f"gemv_kernelI{t}Li{self.bits}ELi{self.rows}ELi{self.block_rows}EE"
+        return f"mma_kernelI{t}Li{self.bits}ELi{self.rows}EE"
 
     def signature(self) -> str:
         t = DTYPES[self.dtype]
@@ -78,20 +94,17 @@ class Variant:
 
     def weights_per_trip(self) -> int:
         """Per thread: GEMV, two words (unroll 2) of each of its block rows; tensor cores,
-        one slice of each of its four rows per chunk, two chunks where it prefetches."""
+        one slice (four words) of each of its four rows per chunk."""
         if self.kernel == "gemv":
-            return 2 * (4 if self.rows <= 4 else 2) * self.per_word
-        chunks = 2 if self.rows <= 32 else 1
-        return chunks * 4 * 4 * self.per_word
+            return 2 * self.block_rows * self.per_word
+        return self.chunks * 4 * 4 * self.per_word
 
     def expected_math(self) -> tuple[str, int]:
         """The loop's multiply-adds per trip, as the kernel's structure implies them."""
         if self.kernel == "gemv":
-            block_rows = 4 if self.rows <= 4 else 2
-            return "FFMA", 2 * block_rows * self.rows * (self.per_word + 1)
-        chunks = 2 if self.rows <= 32 else 1
+            return "FFMA", 2 * self.block_rows * self.rows * (self.per_word + 1)
         steps = self.per_word  # slice_k / 4
-        return "HMMA", chunks * steps * 2 * (self.rows // 8)
+        return "HMMA", self.chunks * steps * 2 * (self.rows // 8)
 
 
 VARIANTS = [
@@ -152,15 +165,6 @@ def compile_and_disassemble(variants: list[Variant], arch: str) -> tuple[str, st
         return built.stderr + built.stdout, sass.stdout
 
 
-def mangled_stem(v: Variant) -> str:
-    """The part of the mangled name that tells the instantiations apart."""
-    t = {"float16": "6__half", "bfloat16": "13__nv_bfloat16"}[v.dtype]
-    if v.kernel == "gemv":
-        block_rows = 4 if v.rows <= 4 else 2
-        return f"gemv_kernelI{t}Li{v.bits}ELi{v.rows}ELi{block_rows}EE"
-    return f"mma_kernelI{t}Li{v.bits}ELi{v.rows}EE"
-
-
 def resources(report: str) -> dict[str, tuple[int, int]]:
     """Mangled kernel name → (registers, spill bytes stored + loaded)."""
     found: dict[str, tuple[int, int]] = {}
@@ -211,7 +215,7 @@ def measure(variants: list[Variant], arch: str) -> list[dict]:
     listing = functions(sass)
     rows = []
     for v in variants:
-        names = [n for n in listing if mangled_stem(v) in n]
+        names = [n for n in listing if v.mangled_stem() in n]
         if len(names) != 1:
             raise SystemExit(f"{v.template()}: found {len(names)} matching functions in the SASS")
         loop = main_loop(listing[names[0]])

@@ -7,9 +7,9 @@ so callers never choose kernels by hardware. On CPU, INT4 (groups 32–256) and 
 per-channel layers run through torch's packed CPU matmuls (`_dequant_matmul_cpu`; the named
 choice `cpu_kernel("reference")` or COMPRESS_CPU_KERNEL=reference keeps the default path,
 whose outputs are bit-identical to dequantize → F.linear). The CUDA kernel calls the
-compiled `cuda_ext/` ops (compress/cuda_ops.py), picked by `cuda_path`: a GEMV kernel for
-decode shapes, a tensor-core GEMM up to 64 rows, and for more a dequantize kernel followed by
-cuBLAS. The fake (meta) implementation lets
+compiled `cuda_ext/` ops (compress/cuda_ops.py), picked by `cuda_path`: a tensor-core GEMM
+up to 64 rows, decode shapes included (a GEMV where the tensor cores cannot run), and for more
+a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 `torch.compile` and meta-device tracing see the output shape without running anything.
 """
 

@@ -97,19 +97,10 @@ __device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) {
   return static_cast<__nv_bfloat16_raw>(v).x;
 }
 
-// The zero point of row n, group g (packed along N, 32/BITS rows per word); symmetric
-// weights (no zero points) are stored offset by 2^(BITS-1).
-template <int BITS>
-__device__ __forceinline__ uint32_t zero_code(const int32_t* zero_packed, int n, int g, int groups) {
-  constexpr int kPerWord = 32 / BITS;
-  constexpr uint32_t kMask = (1u << BITS) - 1u;
-  if (zero_packed == nullptr) return 1u << (BITS - 1);
-  const uint32_t word = static_cast<uint32_t>(__ldg(zero_packed + (n / kPerWord) * groups + g));
-  return (word >> ((n % kPerWord) * BITS)) & kMask;
-}
-
-// The zero points of one row n, group by group, with the row's word and shift found once:
-// load() reads group g's packed word, code() takes the row's zero point out of it.
+// The zero points of one row n (packed along N, 32/BITS rows per word), group by group, with
+// the row's word and shift found once: load() reads group g's packed word, code() takes the
+// row's zero point out of it. Symmetric weights (no zero points) are stored offset by
+// 2^(BITS-1).
 template <int BITS>
 struct ZeroPoints {
   const int32_t* words;  // null: symmetric
@@ -127,6 +118,16 @@ struct ZeroPoints {
   }
 };
 
+// The zero point of row n, group g, read once. Not through ZeroPoints: its two null checks
+// cost the GEMV's per-word loop 15 instructions in 529 (sm_90, benchmarks/kernel_sass.py).
+template <int BITS>
+__device__ __forceinline__ uint32_t zero_code(const int32_t* zero_packed, int n, int g, int groups) {
+  constexpr int kPerWord = 32 / BITS;
+  if (zero_packed == nullptr) return 1u << (BITS - 1);
+  const uint32_t word = static_cast<uint32_t>(__ldg(zero_packed + (n / kPerWord) * groups + g));
+  return (word >> ((n % kPerWord) * BITS)) & ((1u << BITS) - 1u);
+}
+
 // 2^23 + zero as a float, by the same bit trick as biased_code (no integer conversion).
 template <int BITS>
 __device__ __forceinline__ float biased_zero_of(const int32_t* zero_packed, int n, int g, int groups) {
@@ -143,7 +144,7 @@ __device__ __forceinline__ float biased_code(uint32_t word, int i) {
 
 // ------------------------------------------ two values at once, in T's paired arithmetic
 //
-// The tensor-core B fragments and dequantize need the weights in T, two per register. Made
+// The tensor-core A fragments and dequantize need the weights in T, two per register. Made
 // through float, each value costs a shift, a LOP3, a subtraction, a multiply and a float → T
 // conversion (the conversion at a fraction of the FMA rate). In T's own paired arithmetic
 // two values cost four instructions: a byte permute puts their codes in the low mantissa

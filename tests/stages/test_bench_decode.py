@@ -188,15 +188,7 @@ def test_graph_decode_step_replays_what_eager_steps_compute(decode):
         eager.step()
         eager_tokens.append(eager.token.clone())
     graphed = decode.StaticDecoder(model, prompt, steps=6)
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        graphed.step()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        graphed.step()
-    graphed.rewind()  # back to the prefill's state: the replays redo the eager steps
+    graph = decode.capture_step(graphed)  # rewound: the replays redo the eager steps
     for expected in eager_tokens:
         graph.replay()
         assert torch.equal(graphed.token, expected)
