@@ -47,6 +47,9 @@ MODEL_K, MODEL_N = 4096, 14336
 WEIGHT_READ_US = {4: 8.8, 8: 17.5}
 DEQUANTIZE_OPS = ("PRMT", "LOP3", "HADD2", "HMUL2", "SHF", "FADD", "FMUL", "F2FP")
 DTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+# compress_kernels::ScaleMode: where the tensor-core kernel applies the scales, and its value.
+SCALE_MODES = {"weights": 0, "chunk": 1, "end": 2}
+SCALE_MODE_NAMES = {"weights": "kWeights", "chunk": "kChunk", "end": "kEnd"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Variant:
     dtype: str
     bits: int
     rows: int  # M the instantiation serves (its accumulator rows)
+    scales: str = "weights"  # tensor cores: the ScaleMode (SCALE_MODES)
 
     @property
     def per_word(self) -> int:
@@ -76,14 +80,16 @@ class Variant:
         t = DTYPES[self.dtype]
         if self.kernel == "gemv":
             return f"gemv_kernel<{t}, {self.bits}, {self.rows}, {self.block_rows}>"
-        return f"mma_kernel<{t}, {self.bits}, {self.rows}>"
+        mode = f"compress_kernels::ScaleMode::{SCALE_MODE_NAMES[self.scales]}"
+        return f"mma_kernel<{t}, {self.bits}, {self.rows}, {mode}>"
 
     def mangled_stem(self) -> str:
         """The part of the mangled name that tells the instantiations apart."""
         t = {"float16": "6__half", "bfloat16": "13__nv_bfloat16"}[self.dtype]
         if self.kernel == "gemv":
             return f"gemv_kernelI{t}Li{self.bits}ELi{self.rows}ELi{self.block_rows}EE"
-        return f"mma_kernelI{t}Li{self.bits}ELi{self.rows}EE"
+        mode = f"LNS_9ScaleModeE{SCALE_MODES[self.scales]}E"
+        return f"mma_kernelI{t}Li{self.bits}ELi{self.rows}E{mode}E"
 
     def signature(self) -> str:
         t = DTYPES[self.dtype]
@@ -107,11 +113,25 @@ class Variant:
         return "HMMA", self.chunks * steps * 2 * (self.rows // 8)
 
 
+# Chunk scales run up to 32 rows for INT4 and 16 for INT8 (chunk_scale_max_rows in the header).
+CHUNK_SCALE_MAX_ROWS = {4: 32, 8: 16}
+
+
+def mma_variants(dtype: str, bits: int, rows: tuple[int, ...]) -> list[Variant]:
+    """The tensor-core instantiations the plan launches, each ScaleMode where it applies."""
+    return [
+        Variant("mma", dtype, bits, m, scales)
+        for scales in SCALE_MODES
+        for m in rows
+        if scales != "chunk" or m <= CHUNK_SCALE_MAX_ROWS[bits]
+    ]
+
+
 VARIANTS = [
     *(Variant("gemv", d, 4, m) for d in DTYPES for m in (1, 4)),
-    *(Variant("mma", d, 4, m) for d in DTYPES for m in (8, 16, 32, 64)),
+    *(v for d in DTYPES for v in mma_variants(d, 4, (8, 16, 32, 64))),
     *(Variant("gemv", d, 8, 1) for d in DTYPES),
-    *(Variant("mma", d, 8, m) for d in DTYPES for m in (8, 16)),
+    *(v for d in DTYPES for v in mma_variants(d, 8, (8, 16, 64))),
 ]
 
 
@@ -249,16 +269,18 @@ def table(rows: list[dict], arch: str) -> str:
     lines = [
         f"## cuda_ext main loops, {arch} machine code (static counts, not timings)",
         "",
-        "| kernel | activations | weights | M | registers | spill bytes | loop instructions "
-        "| weights per loop (per thread) | instructions per weight | of which dequantize "
-        "| loads per weight | issue µs at 4096×14336 (H100 model) | weight read µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | activations | weights | M | scales | registers | spill bytes "
+        "| loop instructions | weights per loop (per thread) | instructions per weight "
+        "| of which dequantize | loads per weight | issue µs at 4096×14336 (H100 model) "
+        "| weight read µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["variant"]
         m = f"1–{v.rows}" if v.kernel == "mma" else ("1" if v.rows == 1 else f"≤ {v.rows}")
         lines.append(
             f"| {'tensor cores' if v.kernel == 'mma' else 'GEMV'} | {v.dtype} | INT{v.bits} | {m} "
+            f"| {v.scales if v.kernel == 'mma' else 'per weight'} "
             f"| {r['registers']} | {r['spills']} | {r['loop']} | {r['weights']} "
             f"| {r['per_weight']:.2f} | {r['dequantize']:.2f} | {r['loads']:.3f} "
             f"| {r['issue_us']:.1f} | {WEIGHT_READ_US[v.bits]} |"
@@ -273,10 +295,13 @@ def check(rows: list[dict]) -> list[str]:
     ]
     for dtype in DTYPES:
         for bits in (4, 8):
+            # The tensor cores' costliest mode (scales on the weights: any group size).
             cost = {
                 (r["variant"].kernel, r["variant"].rows): r["per_weight"]
                 for r in rows
-                if r["variant"].dtype == dtype and r["variant"].bits == bits
+                if r["variant"].dtype == dtype
+                and r["variant"].bits == bits
+                and r["variant"].scales == "weights"
             }
             if cost[("mma", 8)] > cost[("gemv", 1)]:
                 problems.append(

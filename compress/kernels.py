@@ -160,7 +160,7 @@ def _dequant_matmul_fake(
 # rows); where it cannot, the GEMV takes up to CUDA_GEMV_MAX_ROWS; above either, the weight is
 # dequantized once by the CUDA kernel and multiplied by cuBLAS. The GEMV would also take
 # M ≤ CUDA_GEMV_ROWS where the tensor cores can run: 0, because for the same bytes read the
-# tensor-core kernel issues 3.1–3.3 instructions per INT4 weight at M ≤ 8 and the GEMV 8.3
+# tensor-core kernel issues 1.9–3.3 instructions per INT4 weight at M ≤ 8 and the GEMV 8.3
 # (sm_90 machine code, benchmarks/kernel_sass.py). Unmeasured on a GPU: benchmarks/kernel.py times
 # both kernels at every M, to confirm or move this.
 CUDA_GEMV_ROWS = 0

@@ -178,7 +178,7 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   const int M = static_cast<int>(x.size(0));
   const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
-      M, w.N, w.K, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
+      M, w.N, w.K, w.group_len, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
   at::Tensor workspace;
   if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
   float* ws = plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;

@@ -224,9 +224,9 @@ __device__ __forceinline__ PairedGroup<T> paired_group(uint32_t zero, T scale) {
           paired_from_bits<T>(offset_bits | (offset_bits << 16))};
 }
 
-// Values 2p and 2p + 1 of a packed word, (q − z)·s, as two T in one register (the first in
-// the low half).
-template <typename T, int BITS>
+// Values 2p and 2p + 1 of a packed word, (q − z)·s (kScaled) or q − z, as two T in one
+// register (the first in the low half).
+template <typename T, int BITS, bool kScaled>
 __device__ __forceinline__ uint32_t dequantize_pair(uint32_t word, int p, const PairedGroup<T>& group) {
   static_assert(paired_dequantize_is_exact<T, BITS>(), "kMagic + q is not exact in T");
   constexpr uint32_t kMagic2 = Paired<T>::kMagicBits * 0x10001u;
@@ -240,20 +240,25 @@ __device__ __forceinline__ uint32_t dequantize_pair(uint32_t word, int p, const 
     // Bytes 2p and 2p + 1 to the two halves; selector 4 is a zero byte of the second operand.
     codes = __byte_perm(word, 0u, static_cast<uint32_t>((2 * p) | (4 << 4) | ((2 * p + 1) << 8) | (4 << 12))) | kMagic2;
   }
-  const typename Paired<T>::type biased = paired_from_bits<T>(codes);
-  return paired_to_bits<T>(__hmul2_rn(__hsub2(biased, group.biased_zero), group.scale));
+  const typename Paired<T>::type centered = __hsub2(paired_from_bits<T>(codes), group.biased_zero);
+  return paired_to_bits<T>(kScaled ? __hmul2_rn(centered, group.scale) : centered);
 }
 
 // Values `first` and `first` + 1 of a packed word in one row's group, dequantized into one
 // register of two T (the first in the low half): in T's paired arithmetic where that is
 // exact, else through float. Both give the same bits. `first` is even.
-template <typename T, int BITS, bool kPairedExact = paired_dequantize_is_exact<T, BITS>()>
+//
+// kScaled = false leaves out the scale: the pair is q − z, a small integer and exact in T
+// (|q − z| ≤ 255 < 2^8 fits bf16's 8 significant bits), for a caller that applies the scale
+// to sums instead (the tensor-core kernel's ScaleMode). Its scale argument is unused.
+template <typename T, int BITS, bool kScaled = true,
+          bool kPairedExact = paired_dequantize_is_exact<T, BITS>()>
 struct PairDequantizer {
   PairedGroup<T> group;
   PairDequantizer() = default;
   __device__ __forceinline__ PairDequantizer(uint32_t zero, T scale) : group(paired_group<T>(zero, scale)) {}
   __device__ __forceinline__ uint32_t pair(uint32_t word, int first) const {
-    return dequantize_pair<T, BITS>(word, first / 2, group);
+    return dequantize_pair<T, BITS, kScaled>(word, first / 2, group);
   }
 
   // INT4: the word's eight values as the four pairs (i, i + 4), i = 0…3, one register each.
@@ -266,16 +271,18 @@ struct PairDequantizer {
     static_assert(BITS == 4, "pairs (i, i + 4) are of INT4 words");
     constexpr uint32_t kMagic2 = Paired<T>::kMagicBits * 0x10001u;
     using Pair = typename Paired<T>::type;
+    const auto scaled = [&](Pair centered) {
+      return paired_to_bits<T>(kScaled ? __hmul2_rn(centered, group.scale) : centered);
+    };
     const auto low = [&](uint32_t bits) {  // a code at bits 0–3 of each half
       const Pair biased = paired_from_bits<T>(and_or(bits, 0x000F000Fu, kMagic2));
-      return paired_to_bits<T>(__hmul2_rn(__hsub2(biased, group.biased_zero), group.scale));
+      return scaled(__hsub2(biased, group.biased_zero));
     };
     if constexpr (Paired<T>::kMantissaBits >= 8) {
       const Pair sixteenth = paired_from_bits<T>(0x2C002C00u);  // 1/16 in both halves
       const auto high = [&](uint32_t bits) {  // a code at bits 4–7 of each half: 16·q
         const Pair biased = paired_from_bits<T>(and_or(bits, 0x00F000F0u, kMagic2));
-        const Pair centered = __hfma2(biased, sixteenth, group.sixteenth_offset);
-        return paired_to_bits<T>(__hmul2_rn(centered, group.scale));
+        return scaled(__hfma2(biased, sixteenth, group.sixteenth_offset));
       };
       const uint32_t upper = word >> 8;
       out[0] = low(word);
@@ -288,16 +295,20 @@ struct PairDequantizer {
     }
   }
 };
-template <typename T, int BITS>
-struct PairDequantizer<T, BITS, false> {
+template <typename T, int BITS, bool kScaled>
+struct PairDequantizer<T, BITS, kScaled, false> {
   float biased_zero;
   float scale;
   PairDequantizer() = default;
   __device__ __forceinline__ PairDequantizer(uint32_t zero, T scale_value)
-      : biased_zero(biased_code<BITS>(zero, 0)), scale(to_float(scale_value)) {}
+      : biased_zero(biased_code<BITS>(zero, 0)), scale(kScaled ? to_float(scale_value) : 1.f) {}
   __device__ __forceinline__ uint32_t pair(uint32_t word, int first) const {
-    const float lo = (biased_code<BITS>(word, first) - biased_zero) * scale;
-    const float hi = (biased_code<BITS>(word, first + 1) - biased_zero) * scale;
+    float lo = biased_code<BITS>(word, first) - biased_zero;
+    float hi = biased_code<BITS>(word, first + 1) - biased_zero;
+    if constexpr (kScaled) {
+      lo *= scale;
+      hi *= scale;
+    }
     return float_to_bits(lo, T{}) | (float_to_bits(hi, T{}) << 16);
   }
 };
@@ -450,6 +461,20 @@ constexpr int mma_slice_k() {
   return 4 * (32 / BITS);
 }
 
+// Where the tensor-core kernel applies the scales; plan_mma picks one per launch.
+//   kWeights: to every dequantized pair (a paired multiply per two weights), any group size.
+//   kChunk: a chunk's four slices lie in one group (the group a multiple of the chunk's k):
+//     the mma sums the chunk's q − z into fresh accumulators, and one FFMA per accumulator
+//     adds them scaled. Per thread and chunk that is 8 FFMA per B tile (MROWS / 8 tiles)
+//     instead of 64 HMUL2 (INT4) or 32 (INT8): a gain up to chunk_scale_max_rows rows, in
+//     the sm_90 machine code (benchmarks/kernel_sass.py; INT8 at 32 rows loses).
+//   kEnd: one group (per channel): the sums of q − z run through all of K and are scaled
+//     once, before they are written; the loop loads no scales or zero points.
+// The last two are also more accurate: q − z is exact in T and the products are exact in the
+// float accumulators, where kWeights rounds each (q − z)·s to T first.
+enum class ScaleMode { kWeights, kChunk, kEnd };
+constexpr int chunk_scale_max_rows(int bits) { return bits == 4 ? 32 : 16; }
+
 // out (M, N) = x (M, K) · dequantize(W)ᵀ on tensor cores, for M ≤ MROWS (8, 16, 32 or 64),
 // K and the group size multiples of the slice.
 //
@@ -471,10 +496,10 @@ constexpr int mma_slice_k() {
 // the weights' pairs as they lie in a word (see kSpread). Each A fragment serves MROWS / 8
 // mma, each B fragment two.
 //
-// Partial sums stay in the mma accumulators, and each warp writes its own outputs: T with
-// one split; with several, float partial sums that sum_splits_kernel adds in a fixed order
-// (deterministic, no atomics).
-template <typename T, int BITS, int MROWS>
+// The scales reach the sums as SCALES says (ScaleMode). Partial sums stay in the mma
+// accumulators, and each warp writes its own outputs: T with one split; with several, float
+// partial sums that sum_splits_kernel adds in a fixed order (deterministic, no atomics).
+template <typename T, int BITS, int MROWS, ScaleMode SCALES>
 __global__ void __launch_bounds__(kWarp* kMmaWarps)
     mma_kernel(const T* __restrict__ x,                  // (M, K), 16-byte aligned
                const int32_t* __restrict__ packed,       // (N, K / per_word), rows 16-byte aligned
@@ -529,6 +554,13 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
     x_rows[tile] = m < M ? x + static_cast<int64_t>(m) * K : nullptr;
   }
   const SmallDivisor slices_per_group(group_len / kSliceK);
+  using Dequantizer = PairDequantizer<T, BITS, SCALES == ScaleMode::kWeights>;
+  // kEnd: each row's one zero point, read once.
+  Dequantizer row_dequantizer[kRows];
+  if constexpr (SCALES == ScaleMode::kEnd) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) row_dequantizer[j] = Dequantizer(zeros[j].code(zeros[j].load(0)), T{});
+  }
   float acc[2][kTilesB][4];
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
@@ -552,30 +584,51 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
   auto load_chunk = [&](int c, ChunkOperands& chunk) {
     chunk.slice = 4 * c + t;
     const int read_slice = chunk.slice < slices ? chunk.slice : slices - 1;
-    const int group = slices_per_group.divide(read_slice);
+    if constexpr (SCALES != ScaleMode::kEnd) {
+      const int group = slices_per_group.divide(read_slice);
 #pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      chunk.codes[j] = __ldg(code_rows[j] + read_slice);
-      chunk.scales[j] = __ldg(scale_rows[j] + group);
-      chunk.zero_words[j] = zeros[j].load(group);
+      for (int j = 0; j < kRows; ++j) {
+        chunk.scales[j] = __ldg(scale_rows[j] + group);
+        chunk.zero_words[j] = zeros[j].load(group);
+      }
     }
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) chunk.codes[j] = __ldg(code_rows[j] + read_slice);
   };
 
   auto compute_chunk = [&](const ChunkOperands& chunk) {
     const bool live = chunk.slice < slices;
     const int k0 = chunk.slice * kSliceK;
-    PairDequantizer<T, BITS> dequantizer[kRows];
+    Dequantizer dequantizer[kRows];
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
-      dequantizer[j] = PairDequantizer<T, BITS>(zeros[j].code(chunk.zero_words[j]),
-                                                live ? chunk.scales[j] : from_float<T>(0.f));
+      if constexpr (SCALES == ScaleMode::kEnd) {
+        dequantizer[j] = row_dequantizer[j];
+      } else {
+        dequantizer[j] = Dequantizer(zeros[j].code(chunk.zero_words[j]),
+                                     live ? chunk.scales[j] : from_float<T>(0.f));
+      }
     }
+    // kChunk: the chunk's sums of q − z, scaled into acc below. A thread without a slice
+    // (last chunk) feeds finite q − z against zero activations, so its terms are zeros.
+    float chunk_sums[2][kTilesB][4];
+    if constexpr (SCALES == ScaleMode::kChunk) {
+#pragma unroll
+      for (int a = 0; a < 2; ++a) {
+#pragma unroll
+        for (int tile = 0; tile < kTilesB; ++tile) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) chunk_sums[a][tile][i] = 0.f;
+        }
+      }
+    }
+    float (&sums)[2][kTilesB][4] = SCALES == ScaleMode::kChunk ? chunk_sums : acc;
     // One k-step of the warp: both A tiles times every B tile.
     const auto mma_step = [&](const uint32_t (&a)[2][4], const uint32_t (&b)[kTilesB][2]) {
 #pragma unroll
       for (int a_tile = 0; a_tile < 2; ++a_tile) {
 #pragma unroll
-        for (int tile = 0; tile < kTilesB; ++tile) mma_m16n8k16(acc[a_tile][tile], a[a_tile], b[tile], T{});
+        for (int tile = 0; tile < kTilesB; ++tile) mma_m16n8k16(sums[a_tile][tile], a[a_tile], b[tile], T{});
       }
     };
     // A fragment (m × k, "row"), m = row n: a[0] = row g, logical k 2t, 2t+1; a[1] = row
@@ -657,6 +710,23 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
         mma_step(a, b);
       }
     }
+    if constexpr (SCALES == ScaleMode::kChunk) {
+      // Accumulator i of an A tile is row g (i < 2) or g + 8: this thread's row 2·a_tile + i / 2.
+#pragma unroll
+      for (int a_tile = 0; a_tile < 2; ++a_tile) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float row_scale = to_float(chunk.scales[2 * a_tile + half]);
+#pragma unroll
+          for (int tile = 0; tile < kTilesB; ++tile) {
+#pragma unroll
+            for (int i = 2 * half; i < 2 * half + 2; ++i) {
+              acc[a_tile][tile][i] = fmaf(row_scale, chunk_sums[a_tile][tile][i], acc[a_tile][tile][i]);
+            }
+          }
+        }
+      }
+    }
   };
 
   if constexpr (kPrefetch) {
@@ -680,7 +750,21 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
   }
 
   // Accumulator i of (A tile, B tile): row n = 16·a_tile + g (+8 for i ≥ 2) of the warp's,
-  // row m = 8·tile + 2t + (i & 1) of x.
+  // this thread's row 2·a_tile + i / 2; row m = 8·tile + 2t + (i & 1) of x.
+  if constexpr (SCALES == ScaleMode::kEnd) {
+#pragma unroll
+    for (int a_tile = 0; a_tile < 2; ++a_tile) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float row_scale = to_float(__ldg(scale_rows[2 * a_tile + half]));
+#pragma unroll
+        for (int tile = 0; tile < kTilesB; ++tile) {
+          acc[a_tile][tile][2 * half] *= row_scale;
+          acc[a_tile][tile][2 * half + 1] *= row_scale;
+        }
+      }
+    }
+  }
 #pragma unroll
   for (int a_tile = 0; a_tile < 2; ++a_tile) {
 #pragma unroll
@@ -757,23 +841,29 @@ void dequantize(const int32_t* packed, const T* scale, const int32_t* zero_packe
                   group_len, K / group_len);
 }
 
-// How mma_gemm covers the output: enough blocks for two per SM, K split across blocks only
-// when the blocks of 128 rows n alone are too few. Each split writes M·N float partial sums
+// How mma_gemm covers the output: the accumulator rows, where the scales go (ScaleMode),
+// enough blocks for two per SM, K split across blocks only when the blocks of 128 rows n
+// alone are too few. Each split writes M·N float partial sums
 // that are read back once (8 bytes per output and split): at most as many splits as keep
 // that below the weight's bytes.
 struct MmaPlan {
   int m_rows;  // accumulator rows: 8, 16, 32 or 64
+  ScaleMode scales;
   int blocks_n;
   int splits;
   int chunks_per_split;
   int64_t workspace_floats;  // the float partial sums when splits > 1
 };
 
-inline MmaPlan plan_mma(int M, int N, int K, int bits, int sm_count) {
+inline MmaPlan plan_mma(int M, int N, int K, int group_len, int bits, int sm_count) {
   MmaPlan plan{};
   plan.m_rows = M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const bool chunk_in_one_group = group_len % (4 * slice_k) == 0;
+  if (group_len == K) plan.scales = ScaleMode::kEnd;
+  else if (chunk_in_one_group && plan.m_rows <= chunk_scale_max_rows(bits)) plan.scales = ScaleMode::kChunk;
+  else plan.scales = ScaleMode::kWeights;
   const int chunks = (K / slice_k + 3) / 4;
   const int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
   const int64_t by_traffic = static_cast<int64_t>(K) * bits / (64 * static_cast<int64_t>(M));
@@ -786,11 +876,11 @@ inline MmaPlan plan_mma(int M, int N, int K, int bits, int sm_count) {
   return plan;
 }
 
-template <typename T, int BITS, int MROWS, typename Stream>
+template <typename T, int BITS, int MROWS, ScaleMode SCALES, typename Stream>
 void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
                 T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
                 int group_len, Stream stream) {
-  auto* kernel = &mma_kernel<T, BITS, MROWS>;
+  auto* kernel = &mma_kernel<T, BITS, MROWS, SCALES>;
   const dim3 grid(plan.blocks_n, plan.splits);
   const dim3 block(kWarp * kMmaWarps);
   float* partials = plan.splits > 1 ? workspace : nullptr;
@@ -805,6 +895,22 @@ void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t
   }
 }
 
+// launch_mma with the plan's ScaleMode (kChunk instantiated only where plan_mma picks it).
+template <typename T, int BITS, int MROWS, typename Stream>
+void launch_mma_scaled(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
+                       T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
+                       int group_len, Stream stream) {
+  if (plan.scales == ScaleMode::kEnd) {
+    return launch_mma<T, BITS, MROWS, ScaleMode::kEnd>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  }
+  if constexpr (MROWS <= chunk_scale_max_rows(BITS)) {
+    if (plan.scales == ScaleMode::kChunk) {
+      return launch_mma<T, BITS, MROWS, ScaleMode::kChunk>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    }
+  }
+  return launch_mma<T, BITS, MROWS, ScaleMode::kWeights>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+}
+
 // Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes (K and the
 // group size multiples of mma_slice_k<BITS>()), that x and the packed rows are 16-byte
 // aligned, and allocated plan.workspace_floats floats of workspace.
@@ -814,10 +920,10 @@ void mma_gemm(const T* x, const int32_t* packed, const T* scale, const int32_t* 
               Stream stream) {
   if (N == 0) return;
   switch (plan.m_rows) {
-    case 8: return launch_mma<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    case 16: return launch_mma<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    case 32: return launch_mma<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    default: return launch_mma<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 8: return launch_mma_scaled<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 16: return launch_mma_scaled<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 32: return launch_mma_scaled<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    default: return launch_mma_scaled<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
   }
 }
 

@@ -9,12 +9,14 @@ from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 
-# The schemes every kernel is checked on: INT4 groups 32 / 64 / 128, INT8 per channel,
-# symmetric and asymmetric.
+# The schemes every kernel is checked on: INT4 groups 32 / 64 / 128 and per channel, INT8 per
+# channel, symmetric and asymmetric. Between them they take every ScaleMode of the tensor-core
+# kernel (cuda_ext/dequant_matmul_kernels.cuh).
 SCHEMES = [
     QuantSpec(4, 32, True),
     QuantSpec(4, 64, False),
     QuantSpec(4, 128, False),
+    QuantSpec(4, PER_CHANNEL, False),
     QuantSpec(8, PER_CHANNEL, True),
     QuantSpec(8, PER_CHANNEL, False),
 ]

@@ -100,17 +100,33 @@ def test_gemv_matches_float32_reference(emulator, spec, dtype):
 # The tensor-core path: one m-tile (≤ 16 rows), two, four; full and partly filled.
 MMA_ROWS = (1, 5, 16, 17, 33, CUDA_MMA_MAX_ROWS)
 # (N, K, sm_count): two blocks of 128 rows n on a device they fill (one pass over K; the
-# second block's last warps are past N and its first is partly), K = 576 with a partial last
-# chunk for INT4 (where the group divides it), and a short N with many chunks on a small
-# device, so that the plan splits K across blocks and sums the splits.
-MMA_SHAPES = [(136, 640, 1), (136, 576, 1), (24, 2048, 4)]
+# second block's last warps are past N and its first is partly), K with a partial last chunk
+# (576 for INT4 and 592 for INT8, where the group divides it), and a short N with many chunks
+# on a small device, so that the plan splits K across blocks and sums the splits.
+MMA_SHAPES = [(136, 640, 1), (136, 576, 1), (40, 592, 1), (24, 2048, 4)]
+
+
+def expected_scale_modes(spec: QuantSpec) -> set[str]:
+    """Where the plan applies the scales (compress_kernels::ScaleMode): once at the end per
+    channel; per chunk where a chunk of four slices lies in one group, up to 32 rows, on the
+    weights above that; on the weights for smaller groups."""
+    if spec.group_size == PER_CHANNEL:
+        return {"end"}
+    if spec.group_size % (4 * kernels.mma_slice(spec.bits)) == 0:
+        return {"chunk", "weights"}
+    return {"weights"}
+
+
+def mma_runs(spec: QuantSpec, shape: tuple[int, int, int]) -> bool:
+    k = shape[1]
+    return spec.divides(k) and k % kernels.mma_slice(spec.bits) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
 def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
-    splits = set()
-    for n, k, sm_count in filter(lambda shape: spec.divides(shape[1]), MMA_SHAPES):
+    splits, scale_modes = set(), set()
+    for n, k, sm_count in filter(lambda shape: mma_runs(spec, shape), MMA_SHAPES):
         (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=n + k)
         for m in MMA_ROWS:
             gen = torch.Generator().manual_seed(m)
@@ -121,12 +137,14 @@ def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
                 sm_count=sm_count,
             )  # fmt: skip
             splits.add(emulator.last_splits)
+            scale_modes.add(emulator.last_scales)
             assert_guards_intact(out_buffer, m * n)
             assert torch.isfinite(out).all(), f"M={m}, N={n}, K={k}: outputs not written"
             expected = x.float() @ reference.t()
             error = float((out.float() - expected).norm() / expected.norm())
             assert error < REL_TOL[dtype], (m, n, k, error)
     assert 1 in splits and max(splits) > 1, f"single-pass and split-K plans both ran: {splits}"
+    assert scale_modes == expected_scale_modes(spec), scale_modes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -28,6 +28,8 @@ SOURCES = (
     KERNELS_DIR / "dequant_matmul_kernels.cuh",
 )
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+# compress_kernels::ScaleMode, by its value.
+SCALE_MODES = ("weights", "chunk", "end")
 
 
 def cuda_include_dir() -> Path | None:
@@ -67,6 +69,7 @@ class EmulatedKernels:
     def __init__(self, library: Path) -> None:
         self._lib = ctypes.CDLL(str(library))
         self.last_splits = 0
+        self.last_scales = ""
         for name in ("emulated_gemv", "emulated_mma_gemm", "emulated_dequantize"):
             getattr(self._lib, name).restype = ctypes.c_char_p
         self._lib.emulated_small_divisor_errors.restype = ctypes.c_long
@@ -97,18 +100,20 @@ class EmulatedKernels:
         sm_count=132,
     ):  # fmt: skip
         """The tensor-core path; `sm_count` stands in for the device's (an H100 has 132): a
-        small one makes the plan split K across blocks. Sets `last_splits`."""
+        small one makes the plan split K across blocks. Sets `last_splits` and `last_scales`
+        (the plan's ScaleMode: "weights", "chunk" or "end")."""
         m, n = x.shape[0], weight_packed.shape[0]
         out = torch.empty(m, n, dtype=x.dtype) if out is None else out
         group_len = in_features if group_size == -1 else group_size
-        splits = ctypes.c_int(0)
+        splits, scales = ctypes.c_int(0), ctypes.c_int(-1)
         problem = self._lib.emulated_mma_gemm(
             DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
             self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len, sm_count,
-            ctypes.byref(splits),
+            ctypes.byref(splits), ctypes.byref(scales),
         )  # fmt: skip
         self._check(problem)
         self.last_splits = splits.value
+        self.last_scales = SCALE_MODES[scales.value]
         return out
 
     def dequantize(self, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):

@@ -53,13 +53,17 @@ extern "C" const char* emulated_dequantize(int dtype, int bits, const int32_t* p
 }
 
 // sm_count stands in for the device's multiprocessor count: small values make the plan split K.
+// The plan's split count and ScaleMode (0 kWeights, 1 kChunk, 2 kEnd) come back through
+// splits and scales.
 extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          const int32_t* packed, const void* scale,
                                          const int32_t* zero_packed, void* out, int M, int N,
-                                         int K, int group_len, int sm_count, int* splits) {
+                                         int K, int group_len, int sm_count, int* splits,
+                                         int* scales) {
   return run([&](cuda_emu::Stream stream) {
-    const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(M, N, K, bits, sm_count);
+    const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(M, N, K, group_len, bits, sm_count);
     *splits = plan.splits;
+    *scales = static_cast<int>(plan.scales);
     // NaN: a partial sum the reduction reads but no block wrote shows in the output.
     std::vector<float> workspace(plan.workspace_floats, std::nanf(""));
     auto call = [&](auto tag) {
