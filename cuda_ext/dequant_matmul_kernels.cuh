@@ -561,15 +561,20 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
 #pragma unroll
     for (int j = 0; j < kRows; ++j) row_dequantizer[j] = Dequantizer(zeros[j].code(zeros[j].load(0)), T{});
   }
-  float acc[2][kTilesB][4];
+  // Accumulators: [A tile][B tile][mma accumulator register].
+  using Sums = float[2][kTilesB][4];
+  const auto set_zero = [](Sums& sums) {
 #pragma unroll
-  for (int a = 0; a < 2; ++a) {
+    for (int a = 0; a < 2; ++a) {
 #pragma unroll
-    for (int tile = 0; tile < kTilesB; ++tile) {
+      for (int tile = 0; tile < kTilesB; ++tile) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[a][tile][i] = 0.f;
+        for (int i = 0; i < 4; ++i) sums[a][tile][i] = 0.f;
+      }
     }
-  }
+  };
+  Sums acc;
+  set_zero(acc);
 
   // The weight operands of chunk c: each row's slice of codes, scale and zero-point word.
   // The last chunk may hold fewer than four slices: a thread without one feeds zeros to the
@@ -611,18 +616,9 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
     }
     // kChunk: the chunk's sums of q − z, scaled into acc below. A thread without a slice
     // (last chunk) feeds finite q − z against zero activations, so its terms are zeros.
-    float chunk_sums[2][kTilesB][4];
-    if constexpr (SCALES == ScaleMode::kChunk) {
-#pragma unroll
-      for (int a = 0; a < 2; ++a) {
-#pragma unroll
-        for (int tile = 0; tile < kTilesB; ++tile) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) chunk_sums[a][tile][i] = 0.f;
-        }
-      }
-    }
-    float (&sums)[2][kTilesB][4] = SCALES == ScaleMode::kChunk ? chunk_sums : acc;
+    Sums chunk_sums;
+    if constexpr (SCALES == ScaleMode::kChunk) set_zero(chunk_sums);
+    Sums& sums = SCALES == ScaleMode::kChunk ? chunk_sums : acc;
     // One k-step of the warp: both A tiles times every B tile.
     const auto mma_step = [&](const uint32_t (&a)[2][4], const uint32_t (&b)[kTilesB][2]) {
 #pragma unroll
