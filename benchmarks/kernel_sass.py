@@ -96,7 +96,7 @@ class Variant:
         common = f"const {t}*, const int32_t*, const {t}*, const int32_t*, {t}*"
         if self.kernel == "gemv":
             return f"({common}, int, int, int, int, int)"
-        return f"({common}, float*, int, int, int, int, int, int)"
+        return f"({common}, float*, int*, int, int, int, int, int, int)"
 
     def weights_per_trip(self) -> int:
         """Per thread: GEMV, two words (unroll 2) of each of its block rows; tensor cores,

@@ -2,8 +2,8 @@
 
 The default implementation is pure PyTorch (unpack → dequantize in the activation dtype →
 matmul) and runs on every device. A faster implementation for a device registers against the
-same op (`torch.library.register_kernel("compress::dequant_matmul", "cuda")` from `cuda_ext`),
-so callers never choose kernels by hardware. On CPU, INT4 (groups 32–256) and symmetric INT8
+same op for its dispatch key (CPU and CUDA below), so callers never choose kernels by
+hardware. On CPU, INT4 (groups 32–256) and symmetric INT8
 per-channel layers run through torch's packed CPU matmuls (`_dequant_matmul_cpu`; the named
 choice `cpu_kernel("reference")` or COMPRESS_CPU_KERNEL=reference keeps the default path,
 whose outputs are bit-identical to dequantize → F.linear). The CUDA kernel calls the
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from compress import cuda_ops
 from compress.quant.config import PER_CHANNEL
 from compress.quant.packing import unpack_zero_points
 
@@ -51,6 +52,8 @@ def check_dequant_matmul_args(
 
     if bits not in (4, 8):
         fail(f"bits must be 4 or 8, got {bits}")
+    if in_features <= 0:
+        fail(f"in_features must be positive, got {in_features}")
     if weight_packed.dtype != torch.int32 or weight_packed.ndim != 2:
         fail(f"weight_packed must be a 2-D int32 tensor, got {weight_packed.dtype}")
     if x.shape[-1] != in_features:
@@ -108,8 +111,22 @@ def dequantize_packed(
     return weight.view(out_features, in_features)
 
 
-@torch.library.custom_op("compress::dequant_matmul", mutates_args=())
-def dequant_matmul(
+# The op is defined with torch.library.Library, not `torch.library.custom_op`: a custom_op call
+# passes through two Python layers of its own (autograd, then a device lookup) before ours, 9 µs
+# per call against 3.5 µs here (CPU, no_grad; benchmarks/dispatch.py), and every quantized layer
+# pays it on every decode step. Each implementation below is registered for its dispatch key
+# directly. The op has no autograd formula: QuantLinear supplies the backward through x
+# (compress/quant/linear.py), so that inference does not pay for an autograd layer.
+_LIBRARY = torch.library.Library("compress", "FRAGMENT")
+_LIBRARY.define(
+    "dequant_matmul(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, "
+    "int bits, int group_size, int in_features) -> Tensor"
+)
+# y = x @ dequantize(W)ᵀ for x (..., K) → (..., N), computed in x's dtype.
+dequant_matmul = torch.ops.compress.dequant_matmul.default
+
+
+def _dequant_matmul_default(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
     scale: torch.Tensor,
@@ -118,11 +135,14 @@ def dequant_matmul(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """y = x @ dequantize(W)ᵀ for x (..., K) → (..., N), computed in x's dtype."""
+    """Every device without an implementation of its own: dequantize, then F.linear."""
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
     return _dequantize_then_linear(
         x, weight_packed, scale, zero_point, bits, group_size, in_features
     )
+
+
+_LIBRARY.impl("dequant_matmul", _dequant_matmul_default, "CompositeExplicitAutograd")
 
 
 def _dequantize_then_linear(
@@ -141,7 +161,7 @@ def _dequantize_then_linear(
     return torch.nn.functional.linear(x, weight)
 
 
-@dequant_matmul.register_fake
+@torch.library.register_fake("compress::dequant_matmul", lib=_LIBRARY)
 def _dequant_matmul_fake(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -154,6 +174,29 @@ def _dequant_matmul_fake(
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
     return x.new_empty((*x.shape[:-1], weight_packed.shape[0]))
 
+
+# ------------------------------------------- operands prepared once, kept with the weight
+
+
+def _cached_on(tensor: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+    """`make()` once per `key`, kept on `tensor` itself: the operands live and die with the
+    weight they were made from, and a key with the tensors' versions remakes them after an
+    in-place change (load_state_dict, copy_)."""
+    cached = getattr(tensor, "_compress_operands", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = make()
+    tensor._compress_operands = (key, value)  # type: ignore[attr-defined]
+    return value
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place-change counter; tensors made under inference_mode have none (and
+    are not expected to change in place), so their key is fixed."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+# ------------------------------------------------------------------------------------ CUDA
 
 # Which cuda_ext kernel takes how many rows (M). The tensor-core GEMM takes 1…CUDA_MMA_MAX_ROWS
 # where it can run (sm_80+, K and the group size multiples of its slice, 16-byte aligned
@@ -190,7 +233,25 @@ def _has_mma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)  # mma.sync m16n8k16
 
 
-@dequant_matmul.register_kernel("cuda")
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cuda_operands(
+    weight_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(scales in `dtype`, zero points, whether the tensor cores can read the codes), as the
+    kernels take them. Scales are cast to the activation dtype, the rounding the pure-PyTorch
+    path applies too. The codes are not kept here: a tensor's cache holding the tensor itself
+    would be a reference cycle. A non-contiguous weight is copied on each call, and a new
+    allocation is 16-byte aligned, so the alignment judged on the copy made here holds."""
+    aligned = weight_packed.contiguous().data_ptr() % 16 == 0
+    zero = None if zero_point is None else zero_point.contiguous()
+    return scale.to(dtype).contiguous(), zero, aligned and _has_mma(weight_packed.device)
+
+
 def _dequant_matmul_cuda(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -200,31 +261,39 @@ def _dequant_matmul_cuda(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """cuda_ext's kernels for FP16/BF16 activations (scales cast to their dtype); anything else
-    takes the default path."""
-    from compress import cuda_ops
+    """cuda_ext's kernels for FP16/BF16 activations; anything else takes the default path.
 
+    Every decode step calls this once per quantized layer, so the work that depends only on
+    the weight (casts, contiguity, alignment) is done once and kept with it."""
     check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
-    supported = x.dtype in (torch.float16, torch.bfloat16)
-    if not (supported and cuda_ops.load()):
+    if x.dtype not in CUDA_DTYPES or not cuda_ops.load():
         return _dequantize_then_linear(
             x, weight_packed, scale, zero_point, bits, group_size, in_features
         )
-    rows = x.reshape(-1, in_features)
-    weight_packed = weight_packed.contiguous()
-    zero = None if zero_point is None else zero_point.contiguous()
-    # The kernels take scales in x's dtype: the rounding the pure-PyTorch path applies too.
-    args = (weight_packed, scale.to(x.dtype).contiguous(), zero, bits, group_size)
-    mma_capable = weight_packed.data_ptr() % 16 == 0 and _has_mma(weight_packed.device)
-    path = cuda_path(rows.shape[0], bits, group_size, in_features, mma_capable=mma_capable)
+    key = (
+        _version(weight_packed),
+        _version(scale),
+        None if zero_point is None else _version(zero_point),
+        x.dtype,
+    )
+    scale_x, zero, mma_capable = _cached_on(
+        weight_packed, key, lambda: cuda_operands(weight_packed, scale, zero_point, x.dtype)
+    )
+    packed = weight_packed.contiguous()
+    ops = torch.ops.compress_cuda
+    # The compiled ops take x (..., K) as it is and flatten it themselves: a reshape here
+    # would cost about a microsecond each way.
+    rows = x.numel() // in_features
+    path = cuda_path(rows, bits, group_size, in_features, mma_capable=mma_capable)
     if path == "gemv":
-        out = torch.ops.compress_cuda.gemv(rows.contiguous(), *args, in_features)
-    elif path == "mma":
-        out = torch.ops.compress_cuda.mma_gemm(rows.contiguous(), *args, in_features)
-    else:
-        weight = torch.ops.compress_cuda.dequantize(*args, in_features)
-        out = torch.nn.functional.linear(rows, weight)
-    return out.reshape(*x.shape[:-1], weight_packed.shape[0])
+        return ops.gemv.default(x, packed, scale_x, zero, bits, group_size, in_features)
+    if path == "mma":
+        return ops.mma_gemm.default(x, packed, scale_x, zero, bits, group_size, in_features)
+    weight = ops.dequantize.default(packed, scale_x, zero, bits, group_size, in_features)
+    return torch.nn.functional.linear(x, weight)
+
+
+_LIBRARY.impl("dequant_matmul", _dequant_matmul_cuda, "CUDA")
 
 
 # ------------------------------------------------------------------------------------- CPU
@@ -253,24 +322,6 @@ def cpu_kernel(name: str) -> Iterator[None]:
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 CPU_INT4_ROWS_MULTIPLE = 16
 CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _cached_on(tensor: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
-    """`make()` once per `key`, kept on `tensor` itself: the operands live and die with the
-    weight they were made from, and a key with the tensors' versions remakes them after an
-    in-place change (load_state_dict, copy_)."""
-    cached = getattr(tensor, "_compress_cpu_operands", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    value = make()
-    tensor._compress_cpu_operands = (key, value)  # type: ignore[attr-defined]
-    return value
-
-
-def _version(tensor: torch.Tensor) -> int:
-    """The tensor's in-place-change counter; tensors made under inference_mode have none (and
-    are not expected to change in place), so their key is fixed."""
-    return -1 if tensor.is_inference() else tensor._version
 
 
 def cpu_int4_operands(
@@ -304,7 +355,6 @@ def cpu_int8_operands(
     return codes.view(weight_packed.shape[0], -1), scale.reshape(-1).to(dtype)
 
 
-@dequant_matmul.register_kernel("cpu")
 def _dequant_matmul_cpu(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -340,3 +390,6 @@ def _dequant_matmul_cpu(
             x, weight_packed, scale, zero_point, bits, group_size, in_features
         )
     return out.reshape(*x.shape[:-1], weight_packed.shape[0])
+
+
+_LIBRARY.impl("dequant_matmul", _dequant_matmul_cpu, "CPU")

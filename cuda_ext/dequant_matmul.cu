@@ -5,11 +5,11 @@
 // Three ops, registered in the `compress_cuda` namespace and called by the CUDA kernel of
 // `compress::dequant_matmul` (compress/kernels.py), which picks one by the number of rows M:
 //
-//   mma_gemm(x (M, K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
-//       → (M, N), for M ≤ 64 on tensor cores (sm_80+), decode shapes included. Weight-read
+//   mma_gemm(x (..., K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
+//       → (..., N), for M ≤ 64 rows (the leading dimensions of x flattened) on tensor cores (sm_80+), decode shapes included. Weight-read
 //       bound: every packed word is read once, straight from the artifact's layout, and used
 //       for all M rows. K and the group size must be multiples of 32 (INT4) or 16 (INT8).
-//   gemv(x (M, K), ...) → (M, N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
+//   gemv(x (..., K), ...) → (..., N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
 //       (before sm_80, other K or group sizes, unaligned rows). Same single read.
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
@@ -25,7 +25,11 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "device_environment.cuh"
 #include "dequant_matmul_kernels.cuh"
@@ -33,6 +37,7 @@
 namespace {
 
 using compress_kernels::kMaxGemvRows;
+using compress_kernels::kMaxTileCounters;
 using compress_kernels::kMmaMaxRows;
 
 void check_packed(
@@ -82,23 +87,34 @@ void with_cuda_type(at::ScalarType dtype, Fn&& fn) {
   else fn(__nv_bfloat16{});
 }
 
-// x of a GEMV-like op: (M ≤ max_rows, in_features), contiguous, on the weight's device, in
-// the scale's dtype.
+// x of a GEMV-like op: (..., in_features), on the weight's device, in the scale's dtype, with
+// 1 to max_rows rows once its leading dimensions are flattened.
 void check_activations(const char* op, const at::Tensor& x, const at::Tensor& weight_packed,
                        const at::Tensor& scale, int64_t in_features, int64_t max_rows) {
   TORCH_CHECK(x.is_cuda() && x.device() == weight_packed.device(), "compress_cuda.", op,
               ": x must be on ", weight_packed.device(), ", got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features && x.is_contiguous(), "compress_cuda.",
-              op, ": x must be contiguous (M, ", in_features, "), got ", x.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "compress_cuda.", op,
-              ": M must be in [1, ", max_rows, "], got ", x.size(0));
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "compress_cuda.", op,
+              ": x must be (..., ", in_features, "), got ", x.sizes());
+  const int64_t rows = x.numel() / in_features;
+  TORCH_CHECK(rows >= 1 && rows <= max_rows, "compress_cuda.", op, ": M must be in [1, ",
+              max_rows, "], got ", rows, " rows in x ", x.sizes());
   TORCH_CHECK(x.scalar_type() == scale.scalar_type(), "compress_cuda.", op, ": x is ",
               x.scalar_type(), " but scale is ", scale.scalar_type());
 }
 
-// The kernels read activations as 16-byte vectors; a fresh copy of an unaligned view is.
-at::Tensor aligned(const at::Tensor& x) {
-  return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
+// x as the kernels read it: (M, K) rows, contiguous, 16-byte aligned (they load 16-byte
+// vectors; a fresh copy of an unaligned view is). The leading dimensions are flattened here
+// rather than by the Python caller, where each reshape costs about a microsecond per call.
+at::Tensor kernel_rows(const at::Tensor& x, int64_t in_features) {
+  at::Tensor rows = x.reshape({-1, in_features}).contiguous();
+  return reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 == 0 ? rows : rows.clone();
+}
+
+// The output (..., N) for x (..., K): the kernels write it as contiguous (M, N) rows.
+at::Tensor empty_output(const at::Tensor& x, const at::Tensor& weight_packed) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = weight_packed.size(0);
+  return at::empty(sizes, x.options());
 }
 
 // A tensor's data as T* (T: the CUDA type with_cuda_type names, const for inputs).
@@ -131,8 +147,8 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const a
   check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
   check_activations("gemv", x_in, weight_packed, scale, in_features, kMaxGemvRows);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = aligned(x_in);
-  auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
+  const at::Tensor x = kernel_rows(x_in, in_features);
+  at::Tensor out = empty_output(x_in, weight_packed);
   const int M = static_cast<int>(x.size(0));
   const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -154,6 +170,41 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
+// mma_gemm's split-K tile counters (add_splits_if_last in the kernels): kMaxTileCounters
+// zeros per stream. Launches on one stream run one after another and share a set; launches on
+// two streams may overlap and must not. Per device, kCounterSets sets are made at the first
+// launch outside a CUDA graph capture and never freed, since a captured graph keeps their
+// address. A launch without a set (during a capture before any launch outside one, or on a
+// stream beyond the first kCounterSets) gets null: its sums are then added by a second kernel.
+// A captured graph uses the set of its capture stream: two graphs captured on one stream must
+// not be replayed at the same time on two streams.
+constexpr int kCounterSets = 64;
+
+int* tile_counters(int device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static std::map<int, at::Tensor> sets_of_device;
+  static std::map<std::pair<int, cudaStream_t>, int*> set_of_stream;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto known = set_of_stream.find({device, stream});
+  if (known != set_of_stream.end()) return known->second;
+  auto sets = sets_of_device.find(device);
+  if (sets == sets_of_device.end()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+    at::Tensor zeros = at::zeros({kCounterSets, kMaxTileCounters},
+                                 at::TensorOptions().device(at::kCUDA, device).dtype(at::kInt));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // zeros before another stream takes a set
+    sets = sets_of_device.emplace(device, zeros).first;
+  }
+  int used = 0;
+  for (const auto& entry : set_of_stream) used += entry.first.first == device;
+  if (used == kCounterSets) return nullptr;
+  int* set = sets->second.data_ptr<int>() + static_cast<int64_t>(used) * kMaxTileCounters;
+  set_of_stream.emplace(std::make_pair(device, stream), set);
+  return set;
+}
+
 at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
                     const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                     int64_t bits, int64_t group_size, int64_t in_features) {
@@ -173,8 +224,8 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
               "compress_cuda.mma_gemm: needs sm_80 or newer (mma.sync m16n8k16)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(weight_packed.data_ptr()) % 16 == 0,
               "compress_cuda.mma_gemm: weight_packed must be 16-byte aligned");
-  const at::Tensor x = aligned(x_in);
-  auto out = at::empty({x.size(0), weight_packed.size(0)}, x.options());
+  const at::Tensor x = kernel_rows(x_in, in_features);
+  at::Tensor out = empty_output(x_in, weight_packed);
   const int M = static_cast<int>(x.size(0));
   const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
   const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
@@ -183,12 +234,13 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
   float* ws = plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int* counters = plan.sum_in_kernel ? tile_counters(device, stream) : nullptr;
   with_cuda_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = data_as<const T>(x);
     const T* sp = data_as<const T>(scale);
-    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, plan, M, w.N, w.K, w.group_len, stream);
-    else compress_kernels::mma_gemm<T, 8>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, plan, M, w.N, w.K, w.group_len, stream);
+    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, counters, plan, M, w.N, w.K, w.group_len, stream);
+    else compress_kernels::mma_gemm<T, 8>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, counters, plan, M, w.N, w.K, w.group_len, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -6,7 +6,8 @@
 // The includer provides, before including this file (device_environment.cuh for nvcc):
 //   - __half, __nv_bfloat16, their pairs and the paired __hsub2 / __hmul2_rn, their float
 //     conversions, the CUDA vector types, __ldg, __byte_perm, __shfl_xor_sync,
-//     __syncthreads, __uint_as_float, threadIdx / blockIdx / blockDim;
+//     __syncthreads, __uint_as_float, threadIdx / blockIdx / blockDim / gridDim; for the
+//     split-K sums, __threadfence, atomicAdd on int and __ldcg on float;
 //   - COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, args...): launch a kernel
 //     (a function pointer) with that many bytes of dynamic shared memory;
 //   - compress_shared_memory<T>(): the block's dynamic shared memory as T*;
@@ -454,6 +455,8 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaRowsPerWarp = 32;                            // output rows n: two A tiles of 16
 constexpr int kMmaRowsPerBlock = kMmaWarps * kMmaRowsPerWarp;  // 128
 constexpr int kMmaMaxRows = 64;                                // M: up to eight B tiles of 8
+// The split-K sum gives each thread of a block one row n (mma_kernel's end).
+static_assert(kMmaRowsPerBlock == kWarp * kMmaWarps, "one thread per row n of a block");
 
 // Physical k covered by one thread's uint4 of codes: its "slice" (32 for INT4, 16 for INT8).
 template <int BITS>
@@ -474,6 +477,42 @@ constexpr int mma_slice_k() {
 // float accumulators, where kWeights rounds each (q − z)·s to T first.
 enum class ScaleMode { kWeights, kChunk, kEnd };
 constexpr int chunk_scale_max_rows(int bits) { return bits == 4 ? 32 : 16; }
+
+// Split-K without a second kernel: each block, once its float partial sums are written, counts
+// itself in its column's counter (one per blockIdx.x); the block that brings the count to
+// gridDim.y is the last, sees every other split's partial sums, and adds them, one row n per
+// thread, in split order: the same result whichever block it is, and the same as
+// sum_splits_kernel's. It resets the counter to 0, so the counters the caller keeps are zeros
+// again for its next launch (launches on one stream run one after another). Every thread of
+// the block that has not exited calls this; thread 0 has not, and thread r's warp holds row
+// n = 128·blockIdx.x + r. Not inlined: its registers stay out of the main loop's allocation
+// (inlined, the compiler spilled in two variants and moved others by ±0.7 instructions per
+// weight, benchmarks/kernel_sass.py).
+template <typename T>
+__device__ __noinline__ void add_splits_if_last(const float* partials, T* out, int* tile_counters,
+                                                int M, int N) {
+  int* last = compress_shared_memory<int>();
+  __threadfence();  // this thread's partial sums are visible device-wide before it is counted
+  __syncthreads();  // every thread of the block has written and fenced
+  if (threadIdx.x == 0) {
+    const int finished = atomicAdd(tile_counters + blockIdx.x, 1) + 1;
+    *last = finished == static_cast<int>(gridDim.y);
+    if (*last) tile_counters[blockIdx.x] = 0;  // the other splits have all counted
+    __threadfence();  // the other blocks' partial sums are read after their count is seen
+  }
+  __syncthreads();
+  const int n = blockIdx.x * kMmaRowsPerBlock + static_cast<int>(threadIdx.x);
+  if (*last == 0 || n >= N) return;
+  const int64_t split_stride = static_cast<int64_t>(M) * N;
+  for (int m = 0; m < M; ++m) {
+    const float* partial = partials + static_cast<int64_t>(m) * N + n;
+    float sum = 0.f;
+    for (int split = 0; split < static_cast<int>(gridDim.y); ++split) {
+      sum += __ldcg(partial + split * split_stride);
+    }
+    out[static_cast<int64_t>(m) * N + n] = from_float<T>(sum);
+  }
+}
 
 // out (M, N) = x (M, K) · dequantize(W)ᵀ on tensor cores, for M ≤ MROWS (8, 16, 32 or 64),
 // K and the group size multiples of the slice.
@@ -498,7 +537,9 @@ constexpr int chunk_scale_max_rows(int bits) { return bits == 4 ? 32 : 16; }
 //
 // The scales reach the sums as SCALES says (ScaleMode). Partial sums stay in the mma
 // accumulators, and each warp writes its own outputs: T with one split; with several, float
-// partial sums that sum_splits_kernel adds in a fixed order (deterministic, no atomics).
+// partial sums. Those are added in split order (deterministic), by the block of the split that
+// finishes last (add_splits_if_last, counted in tile_counters), or by sum_splits_kernel where
+// the caller has no counters.
 template <typename T, int BITS, int MROWS, ScaleMode SCALES>
 __global__ void __launch_bounds__(kWarp* kMmaWarps)
     mma_kernel(const T* __restrict__ x,                  // (M, K), 16-byte aligned
@@ -507,6 +548,7 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
                const int32_t* __restrict__ zero_packed,  // (ceil(N / per_word), groups) or null
                T* __restrict__ out,                      // (M, N), when one split
                float* __restrict__ partials,             // (splits, M, N), when several
+               int* __restrict__ tile_counters,          // (blocks_n) zeros, or null
                int M, int N, int K, int group_len, int groups, int chunks_per_split) {
   constexpr int kPerWord = 32 / BITS;
   constexpr int kSliceK = mma_slice_k<BITS>();
@@ -525,8 +567,12 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
   const int warp = threadIdx.x / kWarp;
   const int g = lane / 4;
   const int t = lane % 4;
+  // A warp wholly past N (last block only) exits. The barriers of add_splits_if_last do not
+  // wait for it: bar.sync waits for the non-exited threads (PTX ISA, `exit` and `barrier`).
+  // Running it on row N − 1 instead would cost registers the compiler takes from the loop
+  // (counted: INT4 fp16 at M ≤ 32, 4.8 → 5.8 instructions per weight).
   const int first_row = blockIdx.x * kMmaRowsPerBlock + warp * kMmaRowsPerWarp;
-  if (first_row >= N) return;  // a whole warp past N (last block only); no barrier follows
+  if (first_row >= N) return;
   const int words = K / kPerWord;
   const int slices = K / kSliceK;
   const int chunks = (slices + 3) / 4;
@@ -779,6 +825,7 @@ __global__ void __launch_bounds__(kWarp* kMmaWarps)
       }
     }
   }
+  if (partials != nullptr && tile_counters != nullptr) add_splits_if_last(partials, out, tile_counters, M, N);
 }
 
 // out = Σ_split partials[split], in split order.
@@ -849,7 +896,13 @@ struct MmaPlan {
   int splits;
   int chunks_per_split;
   int64_t workspace_floats;  // the float partial sums when splits > 1
+  // Whether the last split of each column of blocks adds the partial sums (the caller passes
+  // kMaxTileCounters zeroed counters) instead of a second kernel.
+  bool sum_in_kernel;
 };
+
+// The tile counters a caller keeps for mma_gemm: enough for N up to 2^19 rows.
+constexpr int kMaxTileCounters = 4096;
 
 inline MmaPlan plan_mma(int M, int N, int K, int group_len, int bits, int sm_count) {
   MmaPlan plan{};
@@ -869,20 +922,23 @@ inline MmaPlan plan_mma(int M, int N, int K, int group_len, int bits, int sm_cou
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
   plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(plan.splits) * M * N : 0;
+  plan.sum_in_kernel = plan.splits > 1 && plan.blocks_n <= kMaxTileCounters;
   return plan;
 }
 
 template <typename T, int BITS, int MROWS, ScaleMode SCALES, typename Stream>
 void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-                T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
-                int group_len, Stream stream) {
+                T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M, int N,
+                int K, int group_len, Stream stream) {
   auto* kernel = &mma_kernel<T, BITS, MROWS, SCALES>;
   const dim3 grid(plan.blocks_n, plan.splits);
   const dim3 block(kWarp * kMmaWarps);
   float* partials = plan.splits > 1 ? workspace : nullptr;
-  COMPRESS_LAUNCH(kernel, grid, block, 0u, stream, x, packed, scale, zero_packed, out,
-                  partials, M, N, K, group_len, K / group_len, plan.chunks_per_split);
-  if (plan.splits > 1) {
+  int* counters = plan.sum_in_kernel ? tile_counters : nullptr;
+  const unsigned shared_bytes = counters != nullptr ? sizeof(int) : 0u;
+  COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, x, packed, scale, zero_packed, out,
+                  partials, counters, M, N, K, group_len, K / group_len, plan.chunks_per_split);
+  if (plan.splits > 1 && counters == nullptr) {
     constexpr int kThreads = 256;
     const int64_t size = static_cast<int64_t>(M) * N;
     auto* sum = &sum_splits_kernel<T>;
@@ -894,32 +950,34 @@ void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t
 // launch_mma with the plan's ScaleMode (kChunk instantiated only where plan_mma picks it).
 template <typename T, int BITS, int MROWS, typename Stream>
 void launch_mma_scaled(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-                       T* out, float* workspace, const MmaPlan& plan, int M, int N, int K,
-                       int group_len, Stream stream) {
+                       T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M,
+                       int N, int K, int group_len, Stream stream) {
   if (plan.scales == ScaleMode::kEnd) {
-    return launch_mma<T, BITS, MROWS, ScaleMode::kEnd>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    return launch_mma<T, BITS, MROWS, ScaleMode::kEnd>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
   }
   if constexpr (MROWS <= chunk_scale_max_rows(BITS)) {
     if (plan.scales == ScaleMode::kChunk) {
-      return launch_mma<T, BITS, MROWS, ScaleMode::kChunk>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+      return launch_mma<T, BITS, MROWS, ScaleMode::kChunk>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
     }
   }
-  return launch_mma<T, BITS, MROWS, ScaleMode::kWeights>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+  return launch_mma<T, BITS, MROWS, ScaleMode::kWeights>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
 }
 
 // Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes (K and the
 // group size multiples of mma_slice_k<BITS>()), that x and the packed rows are 16-byte
-// aligned, and allocated plan.workspace_floats floats of workspace.
+// aligned, allocated plan.workspace_floats floats of workspace and, where plan.sum_in_kernel,
+// passes kMaxTileCounters counters that are zeros (they are again when the kernel is done);
+// no two launches in flight at once may share them.
 template <typename T, int BITS, typename Stream>
 void mma_gemm(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-              T* out, float* workspace, const MmaPlan& plan, int M, int N, int K, int group_len,
-              Stream stream) {
+              T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M, int N,
+              int K, int group_len, Stream stream) {
   if (N == 0) return;
   switch (plan.m_rows) {
-    case 8: return launch_mma_scaled<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    case 16: return launch_mma_scaled<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    case 32: return launch_mma_scaled<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
-    default: return launch_mma_scaled<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, plan, M, N, K, group_len, stream);
+    case 8: return launch_mma_scaled<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
+    case 16: return launch_mma_scaled<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
+    case 32: return launch_mma_scaled<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
+    default: return launch_mma_scaled<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
   }
 }
 

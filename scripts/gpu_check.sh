@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's GPU checks in one call: build cuda_ext, run the CUDA and emulated kernel tests and
 # the decode benchmark's tests (its CUDA-graph step), count the kernels' machine code, then the
-# kernel benchmark (Llama-3-8B shapes) and the decode benchmark (a random ~1B Llama).
+# kernel benchmark (Llama-3-8B shapes), the host cost per quantized layer call, and the decode
+# benchmark (a random ~1B Llama).
 # Logs and tables go to $OUT (the device tool's result folder) or runs/gpu-check.
 #
 # On a CUDA machine with torch, nvcc and pytest (the device tool's H200 image has all three):
@@ -56,5 +57,6 @@ for scheme in "--bits 4 --group-size 128" "--bits 4 --group-size 128 --asymmetri
     # shellcheck disable=SC2086  # the scheme is a list of arguments
     python3 benchmarks/kernel.py $scheme 2>&1 | tee -a "$OUT/kernel.md" || status=1
 done
+python3 benchmarks/dispatch.py 2>&1 | tee "$OUT/dispatch.md" || status=1
 python3 benchmarks/decode.py --preset llama-1b 2>&1 | tee "$OUT/decode.md" || status=1
 exit $status

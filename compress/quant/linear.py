@@ -81,17 +81,23 @@ class QuantLinear(nn.Module):
 
     def _packed_args(self) -> tuple:
         """The op's arguments after `x` (the same for the matmul and the plain dequantize)."""
+        # Read from the buffer dict itself: nn.Module.__getattr__ costs about 0.5 µs a name,
+        # paid by every quantized layer on every decode step (benchmarks/dispatch.py).
+        buffers = self._buffers
         return (
-            self.weight_packed,
-            self.weight_scale,
-            self.weight_zero_point,
+            buffers["weight_packed"],
+            buffers["weight_scale"],
+            buffers.get("weight_zero_point"),
             self.spec.bits,
             self.spec.group_size,
             self.in_features,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.compress.dequant_matmul(x, *self._packed_args())
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _DequantMatmulWithInputGrad.apply(x, *self._packed_args())
+        else:  # inference: the op alone, with no autograd layer to pay for on every call
+            y = compress.kernels.dequant_matmul(x, *self._packed_args())
         return y if self.bias is None else y + self.bias
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -115,3 +121,20 @@ class QuantLinear(nn.Module):
             f"bits={self.spec.bits}, {granularity}, symmetric={self.spec.symmetric}, "
             f"bias={self.bias is not None}"
         )
+
+
+class _DequantMatmulWithInputGrad(torch.autograd.Function):
+    """The op with a gradient for x (the packed weights are frozen): dL/dx = dL/dy · W, with W
+    dequantized in the gradient's dtype. For adapters trained on a quantized model; the op
+    itself has no autograd formula, so that inference skips the autograd layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *packed_args) -> torch.Tensor:
+        weight_packed, scale, zero_point, *ctx.sizes = packed_args
+        ctx.save_for_backward(weight_packed, scale, zero_point)
+        return compress.kernels.dequant_matmul(x, *packed_args)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple:
+        weight = compress.kernels.dequantize_packed(*ctx.saved_tensors, *ctx.sizes, grad_y.dtype)
+        return (grad_y @ weight, *(None,) * (len(ctx.saved_tensors) + len(ctx.sizes)))

@@ -316,6 +316,27 @@ def test_quant_linear_forward(bits, group_size, symmetric, has_bias, dtype):
     assert error < REL_TOL[dtype] * (1 if dtype == torch.bfloat16 else 10), error
 
 
+def test_quant_linear_backward_through_x():
+    """With x requiring grad, the gradient for x is dL/dy · W of the dequantized weight (the
+    packed weights stay frozen); in inference the op runs without an autograd node."""
+    spec = QuantSpec(4, 64, symmetric=False)
+    gen = torch.Generator().manual_seed(11)
+    layer = QuantLinear.from_packed(
+        rtn_quantize(torch.randn(N, 256, generator=gen) * 0.05, spec, torch.float32),
+        spec,
+        None,
+        torch.float32,
+    )
+    x = torch.randn(2, 3, 256, generator=gen, requires_grad=True)
+    layer(x).square().sum().backward()
+    dense_x = x.detach().clone().requires_grad_()
+    F.linear(dense_x, layer.dequantized_weight()).square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+
+
 def test_quant_linear_state_dict_names():
     spec = QuantSpec(4, 64, symmetric=False)
     layer = QuantLinear.from_packed(
@@ -371,7 +392,7 @@ def test_packed_cpu_path_against_float64(dtype, rows, bits, group_size, symmetri
     error = ((y.double() - expected).norm() / expected.norm()).item()
     tolerance = REL_TOL[torch.bfloat16] if dtype != torch.float32 else 1e-4
     assert y.dtype == dtype and error < tolerance, error
-    assert getattr(packed.weight_packed, "_compress_cpu_operands", None) is not None  # packed
+    assert getattr(packed.weight_packed, "_compress_operands", None) is not None  # packed
 
 
 def test_packed_operands_are_remade_after_an_in_place_change():
@@ -380,12 +401,12 @@ def test_packed_operands_are_remade_after_an_in_place_change():
     other, other_reference, _ = make_case(576, spec, torch.bfloat16, seed=1)
     x = torch.randn(2, 576, dtype=torch.bfloat16)
     OP(*op_args(x, packed, spec, 576))
-    first = packed.weight_packed._compress_cpu_operands[1][0]
+    first = packed.weight_packed._compress_operands[1][0]
     packed.weight_packed.copy_(other.weight_packed)  # what load_state_dict does
     packed.weight_scale.copy_(other.weight_scale)
     packed.weight_zero_point.copy_(other.weight_zero_point)
     y = OP(*op_args(x, packed, spec, 576))
-    assert packed.weight_packed._compress_cpu_operands[1][0] is not first
+    assert packed.weight_packed._compress_operands[1][0] is not first
     expected = x.double() @ other_reference.T
     assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
 
@@ -426,7 +447,7 @@ def test_layouts_torch_cannot_take_use_the_reference_path(bits, group_size, symm
     with cpu_kernel("reference"):
         expected = OP(*op_args(x, packed, spec, 256))
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    assert getattr(packed.weight_packed, "_compress_cpu_operands", None) is None
+    assert getattr(packed.weight_packed, "_compress_operands", None) is None
 
 
 def test_unknown_cpu_kernel_is_refused():

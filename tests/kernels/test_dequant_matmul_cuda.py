@@ -88,6 +88,63 @@ def test_raw_kernel_writes_every_output(op, rows, dtype):
         assert (out.float().cpu() - expected).norm() / expected.norm() < REL_TOL[dtype], m
 
 
+@pytest.mark.parametrize("op", ["gemv", "mma_gemm"])
+def test_raw_kernels_take_leading_dimensions(op):
+    """x (B, T, K) → (B, T, N), the rows flattened by the op itself (not by a Python reshape
+    per call), and a non-contiguous x copied first."""
+    n, k, spec = 192, 512, QuantSpec(4, 128, False)
+    packed, reference = packed_case(n, k, spec, torch.float16, seed=7)
+    weight_packed, scale, zero = _on_gpu(packed)
+    x = torch.randn(2, 3, k, device="cuda", dtype=torch.float16)
+    for batch in (x, x.transpose(0, 1)):
+        out = getattr(torch.ops.compress_cuda, op)(batch, weight_packed, scale, zero, 4, 128, k)
+        assert out.shape == (*batch.shape[:-1], n)
+        expected = batch.float().cpu() @ reference.t()
+        assert (out.float().cpu() - expected).norm() / expected.norm() < REL_TOL[torch.float16]
+
+
+def test_op_follows_in_place_changes_to_the_scales():
+    """The CUDA path keeps the scales cast to the activation dtype with the weight; a copy_
+    into the scales (load_state_dict does one) must reach the next call."""
+    n, k, spec = 128, 256, QuantSpec(4, 64, False)
+    packed, _ = packed_case(n, k, spec, torch.float32, seed=8)
+    weight_packed, scale, zero = _on_gpu(packed)
+    x = torch.randn(4, k, device="cuda", dtype=torch.float16)
+    first = OP(x, weight_packed, scale, zero, 4, 64, k)
+    scale.mul_(2)
+    second = OP(x, weight_packed, scale, zero, 4, 64, k)
+    torch.testing.assert_close(second, 2 * first, rtol=2e-3, atol=1e-3)
+
+
+def test_split_k_gives_the_same_bits_on_every_stream_and_in_graphs():
+    """At M = 1 a 4096-row weight splits K across blocks, the last split's block adding the
+    partial sums with counters kept per stream: every call, on another stream and replayed
+    from a CUDA graph, gives the same bits (the sum runs in split order)."""
+    n, k, spec = 4096, 4096, QuantSpec(4, 128, False)
+    packed, reference = packed_case(n, k, spec, torch.float16, seed=10)
+    args = (*_on_gpu(packed), 4, 128, k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    first = torch.ops.compress_cuda.mma_gemm(x, *args)
+    expected = x.float().cpu() @ reference.t()
+    assert (first.float().cpu() - expected).norm() / expected.norm() < REL_TOL[torch.float16]
+    for _ in range(3):
+        assert torch.equal(torch.ops.compress_cuda.mma_gemm(x, *args), first)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = torch.ops.compress_cuda.mma_gemm(x, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side, first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = torch.ops.compress_cuda.mma_gemm(x, *args)
+    for _ in range(3):
+        replayed.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, first)
+
+
 def test_gemv_takes_unaligned_activations():
     """The kernel reads x as 16-byte vectors; the op copies a view that is not aligned."""
     n, k, spec = 64, 256, QuantSpec(4, 128, True)

@@ -147,6 +147,34 @@ def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
     assert scale_modes == expected_scale_modes(spec), scale_modes
 
 
+def test_split_k_sums_in_the_kernel_whatever_the_block_order(emulator):
+    """With K split across blocks, the block of the split that finishes last adds all the
+    splits' partial sums (no second kernel): bit for bit what the second kernel computes, in
+    whichever order the blocks run, and the tile counters are zeros again after every launch
+    (the emulated op reports it otherwise)."""
+    n, k, spec = 136, 2048, QuantSpec(4, 128, False)  # two columns of blocks, four splits
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.float16, seed=9)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(9)).half()
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+
+    def run(**options) -> torch.Tensor:
+        out = torch.full((5, n), float("nan"), dtype=torch.float16)
+        return emulator.mma_gemm(x, *args, out=out, sm_count=4, **options)
+
+    separate = run(separate_sum=True)
+    assert emulator.last_splits == 4 and not emulator.last_summed_in_kernel
+    expected = x.float() @ reference.t()
+    assert float((separate.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]
+    try:
+        for seed in (0, 1, 2, 3, 4):
+            emulator.set_block_order(seed)
+            summed_in_kernel = run()
+            assert emulator.last_summed_in_kernel
+            assert torch.equal(summed_in_kernel, separate), f"block order {seed}"
+    finally:
+        emulator.set_block_order(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", SCHEMES, ids=spec_id)
 def test_dequantize_is_bit_exact(emulator, spec, dtype):
@@ -208,7 +236,7 @@ def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
 
     ops = SimpleNamespace(
         **{
-            name: recorded(name, getattr(emulator, name))
+            name: SimpleNamespace(default=recorded(name, getattr(emulator, name)))
             for name in ("gemv", "mma_gemm", "dequantize")
         }
     )
@@ -266,3 +294,19 @@ def test_cuda_dispatch_casts_scales_to_the_activation_dtype(emulated_cuda_ops):
     assert emulated_cuda_ops == ["mma_gemm"] and got.dtype == torch.float16
     expected = x.float() @ reference.t()
     assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]
+
+
+def test_cuda_dispatch_keeps_cast_scales_until_they_change(emulated_cuda_ops):
+    """The scales cast to the activation dtype are made once per weight, and made again after
+    an in-place change to the scales (load_state_dict copies into them)."""
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float32, seed=7)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(7)).half()
+    first = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+    kept = weight_packed._compress_operands[1][0]
+    assert kept.dtype == torch.float16
+    torch.testing.assert_close(_dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k), first)
+    assert weight_packed._compress_operands[1][0] is kept
+    scale.mul_(2)
+    doubled = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+    torch.testing.assert_close(doubled.float(), 2 * first.float(), rtol=2e-3, atol=1e-3)

@@ -64,12 +64,14 @@ def _build(include: Path) -> Path:
 
 
 class EmulatedKernels:
-    """The emulated `compress_cuda` ops on CPU tensors, with the CUDA op's argument order."""
+    """The emulated `compress_cuda` ops on CPU tensors, with the CUDA ops' arguments and shapes
+    (x (..., K) → (..., N))."""
 
     def __init__(self, library: Path) -> None:
         self._lib = ctypes.CDLL(str(library))
         self.last_splits = 0
         self.last_scales = ""
+        self.last_summed_in_kernel = False
         for name in ("emulated_gemv", "emulated_mma_gemm", "emulated_dequantize"):
             getattr(self._lib, name).restype = ctypes.c_char_p
         self._lib.emulated_small_divisor_errors.restype = ctypes.c_long
@@ -83,10 +85,17 @@ class EmulatedKernels:
         if problem:
             raise RuntimeError(f"emulated kernel: {problem.decode()}")
 
+    @staticmethod
+    def _rows_and_output(x, weight_packed, in_features, out):
+        """x as (M, K) rows and the (..., N) output, as the CUDA ops make them."""
+        rows = x.reshape(-1, in_features).contiguous()
+        n = weight_packed.shape[0]
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype) if out is None else out
+        return rows, out, rows.shape[0], n
+
     def gemv(self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):
-        """x (M, K) @ dequantized weight → (M, N), into `out` when given (to poison it first)."""
-        m, n = x.shape[0], weight_packed.shape[0]
-        out = torch.empty(m, n, dtype=x.dtype) if out is None else out
+        """x (..., K) @ dequantized weight → (..., N), into `out` when given (to poison it)."""
+        x, out, m, n = self._rows_and_output(x, weight_packed, in_features, out)
         group_len = in_features if group_size == -1 else group_size
         problem = self._lib.emulated_gemv(
             DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
@@ -97,24 +106,29 @@ class EmulatedKernels:
 
     def mma_gemm(
         self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None,
-        sm_count=132,
+        sm_count=132, separate_sum=False,
     ):  # fmt: skip
         """The tensor-core path; `sm_count` stands in for the device's (an H100 has 132): a
-        small one makes the plan split K across blocks. Sets `last_splits` and `last_scales`
-        (the plan's ScaleMode: "weights", "chunk" or "end")."""
-        m, n = x.shape[0], weight_packed.shape[0]
-        out = torch.empty(m, n, dtype=x.dtype) if out is None else out
+        small one makes the plan split K across blocks. `separate_sum` withholds the tile
+        counters, so a second kernel adds the splits. Sets `last_splits`, `last_scales` (the
+        plan's ScaleMode: "weights", "chunk" or "end") and `last_summed_in_kernel`."""
+        x, out, m, n = self._rows_and_output(x, weight_packed, in_features, out)
         group_len = in_features if group_size == -1 else group_size
-        splits, scales = ctypes.c_int(0), ctypes.c_int(-1)
+        splits, scales, in_kernel = ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(0)
         problem = self._lib.emulated_mma_gemm(
             DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
             self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len, sm_count,
-            ctypes.byref(splits), ctypes.byref(scales),
+            int(separate_sum), ctypes.byref(splits), ctypes.byref(scales), ctypes.byref(in_kernel),
         )  # fmt: skip
         self._check(problem)
         self.last_splits = splits.value
         self.last_scales = SCALE_MODES[scales.value]
+        self.last_summed_in_kernel = bool(in_kernel.value)
         return out
+
+    def set_block_order(self, seed: int) -> None:
+        """Blocks of every later launch run in grid order (0) or shuffled by `seed`."""
+        self._lib.emulated_set_block_order(ctypes.c_uint(seed))
 
     def dequantize(self, weight_packed, scale, zero_point, bits, group_size, in_features, out=None):
         n = weight_packed.shape[0]

@@ -3,7 +3,9 @@
 // machine without a GPU. It is test code: slow, single-threaded, and strict.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after
-// another. Fibers run until they reach a barrier:
+// another, in grid order or, when g_block_order_seed is set, in a shuffled order (a kernel
+// must not depend on which block runs or finishes first; one block finishing before the next
+// starts is one of the orders a GPU may produce). Fibers run until they reach a barrier:
 //   - __syncthreads() waits for every thread of the block that has not exited;
 //   - __shfl_xor_sync() is a warp barrier: each lane posts its value, and once the whole warp
 //     has posted, each reads its partner's (double-buffered by barrier generation);
@@ -30,11 +32,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
 #define __launch_bounds__(...)
+// Inlining is the device compiler's business (empty, so that a standard header's
+// __attribute__((__noinline__)) included later still parses).
+#define __noinline__
 
 namespace cuda_emu {
 
@@ -78,6 +85,8 @@ struct Block {
 };
 
 inline Block* g_block = nullptr;
+// 0: blocks run in grid order (x fastest); otherwise the seed of a shuffled order.
+inline unsigned g_block_order_seed = 0;
 
 inline void report(const std::string& problem) {
   if (g_block->error.empty()) g_block->error = problem;
@@ -176,29 +185,33 @@ std::string launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, Ar
   b.fibers.resize(threads);
   std::vector<std::vector<char>> stacks(threads, std::vector<char>(kStackBytes));
   b.body = [&] { kernel(args...); };
-  for (unsigned bz = 0; bz < grid.z && b.error.empty(); ++bz) {
-    for (unsigned by = 0; by < grid.y && b.error.empty(); ++by) {
-      for (unsigned bx = 0; bx < grid.x && b.error.empty(); ++bx) {
-        b.block_index = uint3{bx, by, bz};
-        for (int t = 0; t < threads; ++t) {
-          const unsigned x = t % block.x, y = (t / block.x) % block.y, z = t / (block.x * block.y);
-          b.fibers[t].index = uint3{x, y, z};
-        }
-        b.live = threads;
-        b.live_in_warp.assign(warps, kWarpSize);
-        if (threads % kWarpSize != 0) b.live_in_warp.back() = threads % kWarpSize;
-        b.block_barrier = Barrier{};
-        b.warp_barriers.assign(warps, Barrier{});
-        b.slots.assign(static_cast<size_t>(warps) * 2 * kWarpSize * kSlotWords, 0);
-        b.shared.assign(shared_bytes + kSharedCanaryBytes, kPoison);
-        run_block(stacks);
-        for (size_t i = shared_bytes; i < b.shared.size(); ++i) {
-          if (b.shared[i] != kPoison) {
-            report("block " + std::to_string(bx) + " wrote past its " +
-                   std::to_string(shared_bytes) + " bytes of dynamic shared memory");
-            break;
-          }
-        }
+  std::vector<uint3> order;
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) order.push_back(uint3{bx, by, bz});
+    }
+  }
+  if (g_block_order_seed != 0) std::shuffle(order.begin(), order.end(), std::mt19937(g_block_order_seed));
+  for (const uint3& index : order) {
+    if (!b.error.empty()) break;
+    b.block_index = index;
+    for (int t = 0; t < threads; ++t) {
+      const unsigned x = t % block.x, y = (t / block.x) % block.y, z = t / (block.x * block.y);
+      b.fibers[t].index = uint3{x, y, z};
+    }
+    b.live = threads;
+    b.live_in_warp.assign(warps, kWarpSize);
+    if (threads % kWarpSize != 0) b.live_in_warp.back() = threads % kWarpSize;
+    b.block_barrier = Barrier{};
+    b.warp_barriers.assign(warps, Barrier{});
+    b.slots.assign(static_cast<size_t>(warps) * 2 * kWarpSize * kSlotWords, 0);
+    b.shared.assign(shared_bytes + kSharedCanaryBytes, kPoison);
+    run_block(stacks);
+    for (size_t i = shared_bytes; i < b.shared.size(); ++i) {
+      if (b.shared[i] != kPoison) {
+        report("block " + std::to_string(index.x) + " wrote past its " +
+               std::to_string(shared_bytes) + " bytes of dynamic shared memory");
+        break;
       }
     }
   }
@@ -313,6 +326,19 @@ V __ldg(const V* address) {
   }
   return *address;
 }
+
+// One block runs at a time, so every write is visible to the next block without a fence,
+// and an atomic is a plain read-modify-write.
+inline void __threadfence() {}
+
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+
+// A load that bypasses L1 (another block's writes are not in this one's L1 on the device).
+inline float __ldcg(const float* address) { return *address; }
 
 inline float __uint_as_float(unsigned int bits) {
   float value;

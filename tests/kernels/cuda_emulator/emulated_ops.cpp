@@ -2,6 +2,9 @@
 // CPU against cuda_emulator.h, behind a C ABI for ctypes (tests/kernels/cuda_emulator.py).
 // Each entry point returns "" when the launch went well, else the emulator's first problem.
 
+#include <algorithm>
+#include <vector>
+
 #include "cuda_emulator.h"
 #include "dequant_matmul_kernels.cuh"
 
@@ -52,18 +55,27 @@ extern "C" const char* emulated_dequantize(int dtype, int bits, const int32_t* p
   });
 }
 
+// The blocks' order in every launch that follows: 0 grid order, else a shuffle by this seed.
+extern "C" void emulated_set_block_order(unsigned seed) { cuda_emu::g_block_order_seed = seed; }
+
 // sm_count stands in for the device's multiprocessor count: small values make the plan split K.
 // The plan's split count and ScaleMode (0 kWeights, 1 kChunk, 2 kEnd) come back through
-// splits and scales.
+// splits and scales; whether the last split's block added the partial sums (no second
+// kernel) through summed_in_kernel. separate_sum passes no tile counters, as the CUDA op does
+// where it has none for the stream. The counters persist across calls, as the CUDA op's do,
+// and must be zeros again after each.
 extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          const int32_t* packed, const void* scale,
                                          const int32_t* zero_packed, void* out, int M, int N,
-                                         int K, int group_len, int sm_count, int* splits,
-                                         int* scales) {
+                                         int K, int group_len, int sm_count, int separate_sum,
+                                         int* splits, int* scales, int* summed_in_kernel) {
+  static std::vector<int> tile_counters(compress_kernels::kMaxTileCounters, 0);
   return run([&](cuda_emu::Stream stream) {
     const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(M, N, K, group_len, bits, sm_count);
     *splits = plan.splits;
     *scales = static_cast<int>(plan.scales);
+    int* counters = separate_sum ? nullptr : tile_counters.data();
+    *summed_in_kernel = plan.sum_in_kernel && counters != nullptr;
     // NaN: a partial sum the reduction reads but no block wrote shows in the output.
     std::vector<float> workspace(plan.workspace_floats, std::nanf(""));
     auto call = [&](auto tag) {
@@ -72,13 +84,15 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
       const T* sp = static_cast<const T*>(scale);
       T* op = static_cast<T*>(out);
       if (bits == 4) {
-        compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero_packed, op, workspace.data(), plan, M, N, K, group_len, stream);
+        compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero_packed, op, workspace.data(), counters, plan, M, N, K, group_len, stream);
       } else {
-        compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero_packed, op, workspace.data(), plan, M, N, K, group_len, stream);
+        compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero_packed, op, workspace.data(), counters, plan, M, N, K, group_len, stream);
       }
     };
     if (dtype == 0) call(__half{});
     else call(__nv_bfloat16{});
+    const bool reset = std::all_of(tile_counters.begin(), tile_counters.end(), [](int c) { return c == 0; });
+    if (!reset && stream.error->empty()) *stream.error = "mma_gemm left its tile counters nonzero";
   });
 }
 
