@@ -55,30 +55,26 @@ def host_us_per_call(fn: Callable[[], object], calls: int, repeats: int) -> floa
     return statistics.median(rounds)
 
 
-def _identity(
-    x: torch.Tensor,
-    weight_packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    return x.clone()
-
-
+# compress::dequant_matmul's schema, for the trivial ops.
+SCHEMA = (
+    "(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
+    "int group_size, int in_features) -> Tensor"
+)
 _LIBRARY = torch.library.Library("compress_bench", "FRAGMENT")
+
+
+def _copy_of_x(x: torch.Tensor, *packed_args: object) -> torch.Tensor:
+    return x.clone()
 
 
 def trivial_ops() -> dict[str, Callable[..., torch.Tensor]]:
     """A do-nothing op with compress::dequant_matmul's schema, under each registration."""
-    torch.library.custom_op("compress_bench::by_custom_op", mutates_args=())(_identity)
-    _LIBRARY.define(
-        "by_library(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
-        "int group_size, int in_features) -> Tensor"
+    torch.library.custom_op("compress_bench::by_custom_op", mutates_args=(), schema=SCHEMA)(
+        _copy_of_x
     )
+    _LIBRARY.define("by_library" + SCHEMA)
     for key in ("CompositeExplicitAutograd", "CPU", "CUDA"):
-        _LIBRARY.impl("by_library", _identity, key)
+        _LIBRARY.impl("by_library", _copy_of_x, key)
     return {
         "custom_op": torch.ops.compress_bench.by_custom_op.default,
         "Library": torch.ops.compress_bench.by_library.default,
@@ -155,7 +151,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
         f"Host µs per call, M = 1, K = N = {args.features}, INT{args.bits} g{args.group_size}, "
-        f"float16; {device}, torch {torch.__version__}, no_grad\n"
+        f"{activation_dtype(args)}; {device}, torch {torch.__version__}, no_grad\n"
     )
     print("| call | µs per call | measures |")
     print("|---|---:|---|")
