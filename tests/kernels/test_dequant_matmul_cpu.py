@@ -337,6 +337,32 @@ def test_quant_linear_backward_through_x():
         assert layer(x).grad_fn is None
 
 
+def test_quant_linear_compiles_to_one_graph_with_the_op():
+    """torch.compile traces QuantLinear whole (fullgraph, through the fake implementation) and
+    keeps compress::dequant_matmul as one node; the compiled layer computes what eager does."""
+    spec = QuantSpec(4, 64, symmetric=False)
+    gen = torch.Generator().manual_seed(12)
+    layer = QuantLinear.from_packed(
+        rtn_quantize(torch.randn(N, 256, generator=gen) * 0.05, spec, torch.float32),
+        spec,
+        None,
+        torch.float32,
+    )
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=recording_backend)
+    x = torch.randn(2, 3, 256, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert len(graphs) == 1
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(OP.default) == 1, targets
+
+
 def test_quant_linear_state_dict_names():
     spec = QuantSpec(4, 64, symmetric=False)
     layer = QuantLinear.from_packed(
