@@ -6,9 +6,10 @@
 // `compress::dequant_matmul` (compress/kernels.py), which picks one by the number of rows M:
 //
 //   mma_gemm(x (..., K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...)
-//       → (..., N), for M ≤ 64 rows (the leading dimensions of x flattened) on tensor cores (sm_80+), decode shapes included. Weight-read
-//       bound: every packed word is read once, straight from the artifact's layout, and used
-//       for all M rows. K and the group size must be multiples of 32 (INT4) or 16 (INT8).
+//       → (..., N), for M ≤ 64 rows (x's leading dimensions flattened) on tensor cores
+//       (sm_80+), decode shapes included. Weight-read bound: every packed word is read once,
+//       straight from the artifact's layout, and used for all M rows. K and the group size
+//       must be multiples of 32 (INT4) or 16 (INT8).
 //   gemv(x (..., K), ...) → (..., N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
 //       (before sm_80, other K or group sizes, unaligned rows). Same single read.
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
