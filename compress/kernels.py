@@ -115,8 +115,9 @@ def dequantize_packed(
 # passes through two Python layers of its own (autograd, then a device lookup) before ours, 9 µs
 # per call against 3.5 µs here (CPU, no_grad; benchmarks/dispatch.py), and every quantized layer
 # pays it on every decode step. Each implementation below is registered for its dispatch key
-# directly. The op has no autograd formula: QuantLinear supplies the backward through x
-# (compress/quant/linear.py), so that inference does not pay for an autograd layer.
+# directly. The op has no autograd formula, so that inference does not pay for an autograd
+# layer: QuantLinear supplies the backward through x (compress/quant/linear.py). Called directly
+# with an x that requires grad, the op gets torch's autograd fallback, which warns on backward.
 _LIBRARY = torch.library.Library("compress", "FRAGMENT")
 _LIBRARY.define(
     "dequant_matmul(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, "
