@@ -316,17 +316,20 @@ def test_quant_linear_forward(bits, group_size, symmetric, has_bias, dtype):
     assert error < REL_TOL[dtype] * (1 if dtype == torch.bfloat16 else 10), error
 
 
+def int4_float32_layer(gen: torch.Generator) -> QuantLinear:
+    """A float32 QuantLinear (N, 256), INT4 g64 asymmetric, of random weights."""
+    spec = QuantSpec(4, 64, symmetric=False)
+    weight = torch.randn(N, 256, generator=gen) * 0.05
+    return QuantLinear.from_packed(
+        rtn_quantize(weight, spec, torch.float32), spec, None, torch.float32
+    )
+
+
 def test_quant_linear_backward_through_x():
     """With x requiring grad, the gradient for x is dL/dy · W of the dequantized weight (the
     packed weights stay frozen); in inference the op runs without an autograd node."""
-    spec = QuantSpec(4, 64, symmetric=False)
     gen = torch.Generator().manual_seed(11)
-    layer = QuantLinear.from_packed(
-        rtn_quantize(torch.randn(N, 256, generator=gen) * 0.05, spec, torch.float32),
-        spec,
-        None,
-        torch.float32,
-    )
+    layer = int4_float32_layer(gen)
     x = torch.randn(2, 3, 256, generator=gen, requires_grad=True)
     layer(x).square().sum().backward()
     dense_x = x.detach().clone().requires_grad_()
@@ -340,14 +343,8 @@ def test_quant_linear_backward_through_x():
 def test_quant_linear_compiles_to_one_graph_with_the_op():
     """torch.compile traces QuantLinear whole (fullgraph, through the fake implementation) and
     keeps compress::dequant_matmul as one node; the compiled layer computes what eager does."""
-    spec = QuantSpec(4, 64, symmetric=False)
     gen = torch.Generator().manual_seed(12)
-    layer = QuantLinear.from_packed(
-        rtn_quantize(torch.randn(N, 256, generator=gen) * 0.05, spec, torch.float32),
-        spec,
-        None,
-        torch.float32,
-    )
+    layer = int4_float32_layer(gen)
     graphs: list[torch.fx.GraphModule] = []
 
     def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
