@@ -343,8 +343,8 @@ def test_quant_linear_backward_through_x():
 def test_quant_linear_compiles_to_one_graph_with_the_op():
     """torch.compile traces QuantLinear whole (fullgraph: no graph break in its forward) and
     keeps compress::dequant_matmul as one node; the compiled layer computes what eager does.
-    The fake implementation itself is test_opcheck's (dynamo can also trace the op through its
-    pure-PyTorch default, so this test would pass without it)."""
+    It does not single out the registered fake implementation: the pure-PyTorch default also
+    runs on fake and meta tensors, so neither this test nor test_opcheck fails without it."""
     gen = torch.Generator().manual_seed(12)
     layer = int4_float32_layer(gen)
     graphs: list[torch.fx.GraphModule] = []
