@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -179,22 +179,65 @@ def _dequant_matmul_fake(
 # ------------------------------------------- operands prepared once, kept with the weight
 
 
-def _cached_on(tensor: torch.Tensor, key: tuple, make: Callable[[], Any]) -> Any:
+class _CachedOperands(NamedTuple):
+    key: tuple
+    value: Any
+    # The tensors the value was made from besides the weight, kept alive with it (_cached_on).
+    held: tuple[torch.Tensor | None, ...]
+
+
+def _cached_on(
+    tensor: torch.Tensor,
+    key: tuple,
+    make: Callable[[], Any],
+    held: tuple[torch.Tensor | None, ...] = (),
+) -> Any:
     """`make()` once per `key`, kept on `tensor` itself: the operands live and die with the
-    weight they were made from, and a key with the tensors' versions remakes them after an
-    in-place change (load_state_dict, copy_)."""
+    weight they were made from.
+
+    `key` holds the tensors' states (`_state`), so an in-place change (load_state_dict,
+    copy_), a swapped `.data`, or another tensor or a view in their place remakes the
+    operands. The `held` tensors (scales, zero points) are kept referenced while the cache
+    holds operands made from them, so no new tensor can take their id or memory and pass for
+    them. `tensor` itself is not held (its own cache would keep it alive) and need not be:
+    the cache is on it."""
     cached = getattr(tensor, "_compress_operands", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached.key == key:
+        return cached.value
     value = make()
-    tensor._compress_operands = (key, value)  # type: ignore[attr-defined]
+    tensor._compress_operands = _CachedOperands(key, value, held)  # type: ignore[attr-defined]
     return value
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The tensor's in-place-change counter; tensors made under inference_mode have none (and
-    are not expected to change in place), so their key is fixed."""
-    return -1 if tensor.is_inference() else tensor._version
+def _state(tensor: torch.Tensor | None) -> tuple[int, int, int] | None:
+    """Which tensor, its memory and its in-place-change counter. A view is another tensor
+    (same memory and counter, another shape); assigning to `.data` moves the memory without
+    counting. Tensors made under inference_mode have no counter (and are not expected to
+    change in place): -1. The id is safe in a key only while the tensor is alive: the cache
+    holds the tensors it keys on (`_cached_on`)."""
+    if tensor is None:
+        return None
+    return id(tensor), tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version
+
+
+def _checked_operands(
+    args: tuple, key: tuple, make: Callable[[], Any], held: tuple[torch.Tensor | None, ...]
+) -> Any:
+    """The weight's cached operands (`_cached_on`) for the op's arguments `args`, with the op's
+    checks: all of them when the operands are made, which hold for the weight for as long as
+    the key does (it holds the tensors' states and the layout), and x's on every call. Every
+    quantized layer calls this on every decode step: the checks cost about a microsecond."""
+    x, weight_packed, _, _, bits, group_size, in_features = args
+
+    def checked_make() -> Any:
+        check_dequant_matmul_args(*args)
+        return make()
+
+    layout_key = (*key, bits, group_size, in_features)
+    value = _cached_on(weight_packed, layout_key, checked_make, held)
+    if x.shape[-1] != in_features:
+        check_dequant_matmul_args(*args)  # raises, naming the shapes
+    return value
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -266,19 +309,17 @@ def _dequant_matmul_cuda(
 
     Every decode step calls this once per quantized layer, so the work that depends only on
     the weight (casts, contiguity, alignment) is done once and kept with it."""
-    check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
+    args = (x, weight_packed, scale, zero_point, bits, group_size, in_features)
     if x.dtype not in CUDA_DTYPES or not cuda_ops.load():
-        return _dequantize_then_linear(
-            x, weight_packed, scale, zero_point, bits, group_size, in_features
-        )
-    key = (
-        _version(weight_packed),
-        _version(scale),
-        None if zero_point is None else _version(zero_point),
-        x.dtype,
-    )
-    scale_x, zero, mma_capable = _cached_on(
-        weight_packed, key, lambda: cuda_operands(weight_packed, scale, zero_point, x.dtype)
+        check_dequant_matmul_args(*args)
+        return _dequantize_then_linear(*args)
+
+    key = (_state(weight_packed), _state(scale), _state(zero_point), x.dtype)
+    scale_x, zero, mma_capable = _checked_operands(
+        args,
+        key,
+        lambda: cuda_operands(weight_packed, scale, zero_point, x.dtype),
+        held=(scale, zero_point),
     )
     packed = weight_packed.contiguous()
     ops = torch.ops.compress_cuda
@@ -368,28 +409,37 @@ def _dequant_matmul_cpu(
     """torch's packed CPU matmuls where they apply (the weight is repacked on first use and
     kept with it), the default path elsewhere. Same result as the default within the
     activation dtype's rounding (tests/kernels/test_dequant_matmul_cpu.py)."""
-    check_dequant_matmul_args(x, weight_packed, scale, zero_point, bits, group_size, in_features)
-    rows = x.reshape(-1, in_features)
-    versions = (_version(weight_packed), _version(scale), x.dtype)
-    packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and rows.shape[0] > 0
-    int4_ok = group_size in CPU_INT4_GROUPS and weight_packed.shape[0] % CPU_INT4_ROWS_MULTIPLE == 0
+    args = (x, weight_packed, scale, zero_point, bits, group_size, in_features)
+    states = (_state(weight_packed), _state(scale), x.dtype)
+    packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and x.numel() > 0
+    int4_ok = (
+        group_size in CPU_INT4_GROUPS
+        and weight_packed.ndim == 2
+        and weight_packed.shape[0] % CPU_INT4_ROWS_MULTIPLE == 0
+    )
     if packed_ok and bits == 4 and int4_ok:
-        key = (*versions, None if zero_point is None else _version(zero_point))
-        packed, scales_and_zeros = _cached_on(
-            weight_packed, key, lambda: cpu_int4_operands(weight_packed, scale, zero_point, x.dtype)
+        packed, scales_and_zeros = _checked_operands(
+            args,
+            (*states, _state(zero_point)),
+            lambda: cpu_int4_operands(weight_packed, scale, zero_point, x.dtype),
+            held=(scale, zero_point),
         )
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows.contiguous(), packed, group_size, scales_and_zeros
+            x.reshape(-1, in_features).contiguous(), packed, group_size, scales_and_zeros
         )
     elif packed_ok and bits == 8 and zero_point is None and group_size == PER_CHANNEL:
-        codes, scales = _cached_on(
-            weight_packed, versions, lambda: cpu_int8_operands(weight_packed, scale, x.dtype)
+        codes, scales = _checked_operands(
+            args,
+            states,
+            lambda: cpu_int8_operands(weight_packed, scale, x.dtype),
+            held=(scale,),
         )
-        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), codes, scales)
+        out = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, in_features).contiguous(), codes, scales
+        )
     else:
-        return _dequantize_then_linear(
-            x, weight_packed, scale, zero_point, bits, group_size, in_features
-        )
+        check_dequant_matmul_args(*args)
+        return _dequantize_then_linear(*args)
     return out.reshape(*x.shape[:-1], weight_packed.shape[0])
 
 

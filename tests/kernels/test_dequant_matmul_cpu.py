@@ -14,6 +14,7 @@ from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec, choose_qparams, dequantize, quantize
 from compress.quant.rtn import rtn_quantize
+from tests.kernels.cases import same_version
 
 OP = torch.ops.compress.dequant_matmul
 N = 96
@@ -211,6 +212,18 @@ BAD_ARGS = [
 @pytest.mark.parametrize("make_bad", BAD_ARGS, ids=lambda f: f.__name__.lstrip("_"))
 def test_bad_arguments_raise_value_error_naming_shapes(make_bad):
     args, message = make_bad(_valid())
+    with pytest.raises(ValueError, match=message):
+        OP(*args)
+
+
+@pytest.mark.parametrize("make_bad", BAD_ARGS, ids=lambda f: f.__name__.lstrip("_"))
+def test_bad_arguments_raise_after_the_weight_operands_are_cached(make_bad):
+    """The weight's checks run when its packed operands are made and x's on every call: a
+    bad argument after a good call (operands cached) is still refused, naming the shapes."""
+    good = _valid()
+    OP(*good)
+    assert getattr(good[1], "_compress_operands", None) is not None
+    args, message = make_bad(good)
     with pytest.raises(ValueError, match=message):
         OP(*args)
 
@@ -426,14 +439,53 @@ def test_packed_operands_are_remade_after_an_in_place_change():
     other, other_reference, _ = make_case(576, spec, torch.bfloat16, seed=1)
     x = torch.randn(2, 576, dtype=torch.bfloat16)
     OP(*op_args(x, packed, spec, 576))
-    first = packed.weight_packed._compress_operands[1][0]
+    first = packed.weight_packed._compress_operands.value[0]
     packed.weight_packed.copy_(other.weight_packed)  # what load_state_dict does
     packed.weight_scale.copy_(other.weight_scale)
     packed.weight_zero_point.copy_(other.weight_zero_point)
     y = OP(*op_args(x, packed, spec, 576))
-    assert packed.weight_packed._compress_operands[1][0] is not first
+    assert packed.weight_packed._compress_operands.value[0] is not first
     expected = x.double() @ other_reference.T
     assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_operands_are_remade_for_another_scale_tensor(bits):
+    """A different scale tensor with the same version counter (a fresh copy, modified once as
+    the original was), or new memory swapped in through `.data` (which counts no version),
+    is not mistaken for the scales the cached operands were made from."""
+    spec = QuantSpec(bits, 64 if bits == 4 else PER_CHANNEL, symmetric=bits == 8)
+    packed, _, _ = make_case(576, spec, torch.float32)
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(4))
+    doubled = 2 * packed.weight_scale
+    same_version(doubled, packed.weight_scale)
+    args = list(op_args(x, packed, spec, 576))
+    first = OP(*args)
+    args[2] = doubled
+    torch.testing.assert_close(OP(*args), 2 * first, rtol=1e-4, atol=1e-5)
+    args[2] = packed.weight_scale
+    torch.testing.assert_close(OP(*args), first, rtol=0, atol=0)
+    version = packed.weight_scale._version
+    packed.weight_scale.data = 3 * packed.weight_scale
+    assert packed.weight_scale._version == version
+    torch.testing.assert_close(OP(*args), 3 * first, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_operands_are_not_fooled_by_reused_memory():
+    """Scales freed after a call and new ones at the same address with the same version: the
+    cache keeps the scales it was made from alive, so the address cannot come back. (The
+    allocator hands a freed block back often, not always: twenty rounds.)"""
+    spec = QuantSpec(4, 64, symmetric=False)
+    packed, _, _ = make_case(576, spec, torch.float32)
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(5))
+    args = list(op_args(x, packed, spec, 576))
+    first = OP(*args)
+    for factor in range(2, 22):
+        args[2] = None  # the last round's scales go, unless the cache holds them
+        args[2] = torch.empty_like(packed.weight_scale)
+        torch.mul(packed.weight_scale, factor, out=args[2])  # version 1, as every round's
+        expected = factor * first
+        assert ((OP(*args) - expected).norm() / expected.norm()).item() < REL_TOL[torch.float32]
 
 
 def test_packed_path_takes_weights_made_under_inference_mode():
