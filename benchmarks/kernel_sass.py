@@ -44,6 +44,16 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr"
 # What the H100 SXM model of the last column assumes (see the docstring).
 ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
 MODEL_K, MODEL_N = 4096, 14336
+SM_COUNT = 132
+# What decides how many blocks of a kernel an SM holds at once on sm_80 and sm_90 (the CUDA
+# occupancy calculator's rules): registers are allocated per warp in units of 256, from 65536
+# per SM; at most 2048 threads and 32 blocks per SM. Both kernels run 128 threads (4 warps)
+# per block and no shared memory to speak of, so registers decide.
+REGISTERS_PER_SM, REGISTER_UNIT, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 256, 2048, 32
+THREADS_PER_BLOCK = 128
+# (K, N) of benchmarks/kernel.py's Llama-3-8B shapes, and the rows M its table reports (and 32).
+PLAN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
+PLAN_ROWS = (1, 16, 32, 64)
 WEIGHT_READ_US = {4: 8.8, 8: 17.5}
 DEQUANTIZE_OPS = ("PRMT", "LOP3", "HADD2", "HMUL2", "SHF", "FADD", "FMUL", "F2FP")
 DTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -135,6 +145,13 @@ VARIANTS = [
 ]
 
 
+def blocks_per_sm(registers: int) -> int:
+    """Blocks of a 128-thread kernel using `registers` per thread that one SM holds at once."""
+    warp_registers = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = REGISTERS_PER_SM // (warp_registers * THREADS_PER_BLOCK // 32)
+    return min(by_registers, THREADS_PER_SM // THREADS_PER_BLOCK, BLOCKS_PER_SM)
+
+
 def find_tool(name: str) -> str:
     """A CUDA tool on PATH, under $CUDA_HOME/bin, or in a pip-installed nvidia package."""
     found = shutil.which(name)
@@ -217,8 +234,20 @@ def functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
     return listing
 
 
+def kernel_body(instructions: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The kernel's own instructions: without the functions it calls (add_splits_if_last is
+    not inlined), which follow it from the first call's target on."""
+    calls = [
+        int(m.group(1), 16)
+        for _, opcode, line in instructions
+        if opcode.startswith("CALL") and (m := re.search(r"CALL[^0-9]*0x([0-9a-f]+)", line))
+    ]
+    return [i for i in instructions if not calls or i[0] < min(calls)]
+
+
 def main_loop(instructions: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """The instructions under the longest backward branch."""
+    """The instructions under the longest backward branch of the kernel's own code."""
+    instructions = kernel_body(instructions)
     best: list[tuple[int, str, str]] = []
     for address, opcode, line in instructions:
         if opcode.startswith("BRA") and (m := re.search(r"BRA[^0-9]*0x([0-9a-f]+)", line)):
@@ -253,6 +282,7 @@ def measure(variants: list[Variant], arch: str) -> list[dict]:
             {
                 "variant": v,
                 "registers": registers,
+                "blocks_per_sm": blocks_per_sm(registers),
                 "spills": spills,
                 "loop": len(loop),
                 "weights": weights,
@@ -269,11 +299,11 @@ def table(rows: list[dict], arch: str) -> str:
     lines = [
         f"## cuda_ext main loops, {arch} machine code (static counts, not timings)",
         "",
-        "| kernel | activations | weights | M | scales | registers | spill bytes "
+        "| kernel | activations | weights | M | scales | registers | blocks per SM | spill bytes "
         "| loop instructions | weights per loop (per thread) | instructions per weight "
         "| of which dequantize | loads per weight | issue µs at 4096×14336 (H100 model) "
         "| weight read µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["variant"]
@@ -281,9 +311,99 @@ def table(rows: list[dict], arch: str) -> str:
         lines.append(
             f"| {'tensor cores' if v.kernel == 'mma' else 'GEMV'} | {v.dtype} | INT{v.bits} | {m} "
             f"| {v.scales if v.kernel == 'mma' else 'per weight'} "
-            f"| {r['registers']} | {r['spills']} | {r['loop']} | {r['weights']} "
+            f"| {r['registers']} | {r['blocks_per_sm']} | {r['spills']} | {r['loop']} "
+            f"| {r['weights']} "
             f"| {r['per_weight']:.2f} | {r['dequantize']:.2f} | {r['loads']:.3f} "
             f"| {r['issue_us']:.1f} | {WEIGHT_READ_US[v.bits]} |"
+        )
+    return "\n".join(lines)
+
+
+# plan_mma itself, compiled for the host: the grid each shape gets is the header's, not a copy.
+PLAN_PROGRAM = r"""
+#include <cstdio>
+
+#include "device_environment.cuh"
+#include "dequant_matmul_kernels.cuh"
+
+// Reads lines "M N K group_len bits sm_count blocks_per_sm";
+// writes "m_rows scales blocks_n splits".
+int main() {
+  int M, N, K, group_len, bits, sm_count, blocks_per_sm;
+  while (std::scanf("%d %d %d %d %d %d %d", &M, &N, &K, &group_len, &bits, &sm_count,
+                    &blocks_per_sm) == 7) {
+    const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
+    const auto plan = compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
+    std::printf("%d %d %d %d\n", plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
+                plan.splits);
+  }
+  return 0;
+}
+"""
+
+
+class PlanProgram:
+    """plan_mma compiled for the host into `directory`; called with queries (M, N, K,
+    group_len, bits, sm_count, blocks_per_sm), it answers (m_rows, ScaleMode value, blocks_n,
+    splits) for each."""
+
+    def __init__(self, directory: Path) -> None:
+        source, self.program = directory / "plans.cu", directory / "plans"
+        source.write_text(PLAN_PROGRAM)
+        command = [find_tool("nvcc"), *NVCC_FLAGS, f"-I{KERNELS_DIR}", str(source)]
+        built = subprocess.run([*command, "-o", str(self.program)], capture_output=True, text=True)
+        if built.returncode != 0:
+            raise SystemExit(f"nvcc failed on the plan program:\n{built.stderr[-4000:]}")
+
+    def __call__(self, queries: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        lines = "".join(" ".join(map(str, q)) + "\n" for q in queries)
+        ran = subprocess.run(
+            [str(self.program)], input=lines, capture_output=True, text=True, check=True
+        )
+        plans = [tuple(int(field) for field in line.split()) for line in ran.stdout.splitlines()]
+        if len(plans) != len(queries):
+            raise SystemExit(f"the plan program answered {len(plans)} of {len(queries)} queries")
+        return plans
+
+
+def plan_table(rows: list[dict]) -> str:
+    """INT4 g128 grids on the Llama-3-8B shapes: blocks launched against the blocks the SMs
+    hold at once (from the registers above), with plan_mma's one-wave cap and without it."""
+    held = {
+        (v.dtype, v.rows, v.scales): r["blocks_per_sm"]
+        for r in rows
+        if (v := r["variant"]).kernel == "mma" and v.bits == 4
+    }
+    names = list(SCALE_MODES)
+    cases = [(m, n, k) for k, n in PLAN_SHAPES for m in PLAN_ROWS]
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = PlanProgram(Path(tmp))
+        free = plans([(m, n, k, 128, 4, SM_COUNT, 0) for m, n, k in cases])
+        slots = {dtype: [held[(dtype, p[0], names[p[1]])] for p in free] for dtype in DTYPES}
+        capped = {
+            dtype: plans(
+                [(*case, 128, 4, SM_COUNT, b) for case, b in zip(cases, slots[dtype], strict=True)]
+            )
+            for dtype in DTYPES
+        }
+
+    def grid(plan: tuple[int, ...], held_per_sm: int) -> str:
+        blocks = plan[2] * plan[3]
+        return f"{plan[2]} × {plan[3]} = {blocks} ({blocks / (SM_COUNT * held_per_sm):.2f})"
+
+    lines = [
+        f"## mma_gemm grids, INT4 g128 on {SM_COUNT} SMs: blocks (waves of the SMs' slots)",
+        "",
+        "| K × N | M | kernel | blocks per SM fp16 / bf16 | without the one-wave cap, fp16 "
+        "| fp16 | bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (m, n, k) in enumerate(cases):
+        fp16, bf16 = slots["float16"][i], slots["bfloat16"][i]
+        lines.append(
+            f"| {k} × {n} | {m} | {free[i][0]} rows, {names[free[i][1]]} | {fp16} / {bf16} "
+            f"| {grid(free[i], fp16)} | {grid(capped['float16'][i], fp16)} "
+            f"| {grid(capped['bfloat16'][i], bf16)} |"
         )
     return "\n".join(lines)
 
@@ -319,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = measure(VARIANTS, args.arch)
     print(table(rows, args.arch))
+    print()
+    print(plan_table(rows))
     problems = check(rows) if args.check else []
     for problem in problems:
         sys.stderr.write(f"kernel_sass: {problem}\n")

@@ -206,6 +206,46 @@ int* tile_counters(int device, cudaStream_t stream) {
   return set;
 }
 
+// Blocks of an mma_kernel instantiation that one SM of `device` holds at once (its registers
+// decide): plan_mma launches no more than one wave of them. Cached per kernel and device, since
+// the query reads the kernel's attributes on every call.
+int resident_blocks(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find({kernel, device});
+  if (found != known.end()) return found->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, kernel, compress_kernels::kMmaThreads, compress_kernels::kMmaSharedBytes));
+  known.emplace(std::make_pair(kernel, device), blocks);
+  return blocks;
+}
+
+// mma_gemm's plan and launch for x's (M, K) rows: the kernel for M, its occupancy on `device`,
+// the split-K workspace and counters.
+template <typename T, int BITS>
+void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Tensor& scale,
+                     const at::Tensor& out, int device, cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0));
+  const auto choice = compress_kernels::choose_mma_kernel(M, w.K, w.group_len, BITS);
+  int blocks_per_sm = 0;
+  compress_kernels::with_mma_kernel<T, BITS>(choice, [&](auto kernel) {
+    blocks_per_sm = resident_blocks(reinterpret_cast<const void*>(kernel), device);
+  });
+  const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
+      choice, M, w.N, w.K, BITS, device_attribute(cudaDevAttrMultiProcessorCount, device),
+      blocks_per_sm);
+  at::Tensor workspace;
+  if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
+  const compress_kernels::MmaOperands<T> operands{
+      data_as<const T>(x), w.packed, data_as<const T>(scale), w.zero, data_as<T>(out),
+      plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr,
+      plan.sum_in_kernel ? tile_counters(device, stream) : nullptr,
+      M, w.N, w.K, w.group_len};
+  compress_kernels::mma_gemm<T, BITS>(operands, plan, stream);
+}
+
 at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
                     const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                     int64_t bits, int64_t group_size, int64_t in_features) {
@@ -227,21 +267,12 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
               "compress_cuda.mma_gemm: weight_packed must be 16-byte aligned");
   const at::Tensor x = kernel_rows(x_in, in_features);
   at::Tensor out = empty_output(x_in, weight_packed);
-  const int M = static_cast<int>(x.size(0));
   const PackedOperands w = packed_operands(weight_packed, zero_point, group_size, in_features);
-  const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
-      M, w.N, w.K, w.group_len, static_cast<int>(bits), device_attribute(cudaDevAttrMultiProcessorCount, device));
-  at::Tensor workspace;
-  if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
-  float* ws = plan.workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int* counters = plan.sum_in_kernel ? tile_counters(device, stream) : nullptr;
   with_cuda_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = data_as<const T>(x);
-    const T* sp = data_as<const T>(scale);
-    if (bits == 4) compress_kernels::mma_gemm<T, 4>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, counters, plan, M, w.N, w.K, w.group_len, stream);
-    else compress_kernels::mma_gemm<T, 8>(xp, w.packed, sp, w.zero, data_as<T>(out), ws, counters, plan, M, w.N, w.K, w.group_len, stream);
+    if (bits == 4) launch_mma_gemm<T, 4>(x, w, scale, out, device, stream);
+    else launch_mma_gemm<T, 8>(x, w, scale, out, device, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

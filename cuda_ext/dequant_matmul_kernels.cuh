@@ -452,11 +452,12 @@ struct SmallDivisor {
 };
 
 constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = kWarp * kMmaWarps;
 constexpr int kMmaRowsPerWarp = 32;                            // output rows n: two A tiles of 16
 constexpr int kMmaRowsPerBlock = kMmaWarps * kMmaRowsPerWarp;  // 128
 constexpr int kMmaMaxRows = 64;                                // M: up to eight B tiles of 8
 // The split-K sum gives each thread of a block one row n (mma_kernel's end).
-static_assert(kMmaRowsPerBlock == kWarp * kMmaWarps, "one thread per row n of a block");
+static_assert(kMmaRowsPerBlock == kMmaThreads, "one thread per row n of a block");
 
 // Physical k covered by one thread's uint4 of codes: its "slice" (32 for INT4, 16 for INT8).
 template <int BITS>
@@ -503,14 +504,38 @@ __device__ __noinline__ void add_splits_if_last(const float* partials, T* out, i
   __syncthreads();
   const int n = blockIdx.x * kMmaRowsPerBlock + static_cast<int>(threadIdx.x);
   if (*last == 0 || n >= N) return;
+  // The M · splits partial sums of this thread's row n, (m, split) in order, kSumLoads at a
+  // time: every load of a batch is issued before the first add waits on one, so the thread
+  // waits on L2 ⌈M · splits / kSumLoads⌉ times (an outer loop over m with the few splits, 2–9,
+  // inside waited once per row m: 64 times at M = 64). Each row's sum still runs 0 + split 0 +
+  // split 1 + …, the same bits as sum_splits_kernel.
+  constexpr int kSumLoads = 16;
+  const int splits = static_cast<int>(gridDim.y);
+  const int pairs = M * splits;
   const int64_t split_stride = static_cast<int64_t>(M) * N;
-  for (int m = 0; m < M; ++m) {
-    const float* partial = partials + static_cast<int64_t>(m) * N + n;
-    float sum = 0.f;
-    for (int split = 0; split < static_cast<int>(gridDim.y); ++split) {
-      sum += __ldcg(partial + split * split_stride);
+  const int64_t next_row = N - (splits - 1) * split_stride;  // split S − 1 of m → split 0 of m + 1
+  const float* load = partials + n;  // the next pair to load, then to add: (m, split)
+  int load_split = 0, add_split = 0;
+  T* row_out = out + n;
+  float sum = 0.f;
+  for (int first = 0; first < pairs; first += kSumLoads) {
+    float value[kSumLoads];
+#pragma unroll
+    for (int i = 0; i < kSumLoads; ++i) {
+      value[i] = first + i < pairs ? __ldcg(load) : 0.f;
+      const bool row_done = ++load_split == splits;
+      load += row_done ? next_row : split_stride;
+      load_split = row_done ? 0 : load_split;
     }
-    out[static_cast<int64_t>(m) * N + n] = from_float<T>(sum);
+#pragma unroll
+    for (int i = 0; i < kSumLoads; ++i) {
+      if (first + i >= pairs) break;
+      sum += value[i];
+      if (++add_split == splits) {
+        *row_out = from_float<T>(sum);
+        row_out += N, sum = 0.f, add_split = 0;
+      }
+    }
   }
 }
 
@@ -541,7 +566,7 @@ __device__ __noinline__ void add_splits_if_last(const float* partials, T* out, i
 // finishes last (add_splits_if_last, counted in tile_counters), or by sum_splits_kernel where
 // the caller has no counters.
 template <typename T, int BITS, int MROWS, ScaleMode SCALES>
-__global__ void __launch_bounds__(kWarp* kMmaWarps)
+__global__ void __launch_bounds__(kMmaThreads)
     mma_kernel(const T* __restrict__ x,                  // (M, K), 16-byte aligned
                const int32_t* __restrict__ packed,       // (N, K / per_word), rows 16-byte aligned
                const T* __restrict__ scale,              // (N, groups)
@@ -884,11 +909,53 @@ void dequantize(const int32_t* packed, const T* scale, const int32_t* zero_packe
                   group_len, K / group_len);
 }
 
-// How mma_gemm covers the output: the accumulator rows, where the scales go (ScaleMode),
-// enough blocks for two per SM, K split across blocks only when the blocks of 128 rows n
-// alone are too few. Each split writes M·N float partial sums
-// that are read back once (8 bytes per output and split): at most as many splits as keep
-// that below the weight's bytes.
+// Which mma_kernel instantiation serves M rows: its accumulator rows (8, 16, 32 or 64) and
+// where it applies the scales (ScaleMode).
+struct MmaKernelChoice {
+  int m_rows;
+  ScaleMode scales;
+};
+
+inline MmaKernelChoice choose_mma_kernel(int M, int K, int group_len, int bits) {
+  MmaKernelChoice choice{};
+  choice.m_rows = M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
+  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const bool chunk_in_one_group = group_len % (4 * slice_k) == 0;
+  if (group_len == K) choice.scales = ScaleMode::kEnd;
+  else if (chunk_in_one_group && choice.m_rows <= chunk_scale_max_rows(bits)) choice.scales = ScaleMode::kChunk;
+  else choice.scales = ScaleMode::kWeights;
+  return choice;
+}
+
+// fn(kernel) with the mma_kernel instantiation a choice names (kChunk is instantiated only up to
+// chunk_scale_max_rows, where choose_mma_kernel can pick it). The one place that maps a choice
+// to a kernel: the launch and the occupancy query both go through it.
+template <typename T, int BITS, int MROWS, typename Fn>
+void with_mma_kernel_rows(ScaleMode scales, Fn&& fn) {
+  if (scales == ScaleMode::kEnd) return fn(&mma_kernel<T, BITS, MROWS, ScaleMode::kEnd>);
+  if constexpr (MROWS <= chunk_scale_max_rows(BITS)) {
+    if (scales == ScaleMode::kChunk) return fn(&mma_kernel<T, BITS, MROWS, ScaleMode::kChunk>);
+  }
+  return fn(&mma_kernel<T, BITS, MROWS, ScaleMode::kWeights>);
+}
+
+template <typename T, int BITS, typename Fn>
+void with_mma_kernel(const MmaKernelChoice& choice, Fn&& fn) {
+  switch (choice.m_rows) {
+    case 8: return with_mma_kernel_rows<T, BITS, 8>(choice.scales, fn);
+    case 16: return with_mma_kernel_rows<T, BITS, 16>(choice.scales, fn);
+    case 32: return with_mma_kernel_rows<T, BITS, 32>(choice.scales, fn);
+    default: return with_mma_kernel_rows<T, BITS, 64>(choice.scales, fn);
+  }
+}
+
+// How mma_gemm covers the output: the kernel, enough blocks for two per SM, K split across
+// blocks only when the blocks of 128 rows n alone are too few. Each split writes M·N float
+// partial sums that are read back once (8 bytes per output and split): at most as many splits
+// as keep that below the weight's bytes. And no more blocks than the SMs hold at once: past
+// that, the blocks that wait for a free slot run as a second wave of a few blocks, with a
+// fraction of the bytes in flight, and take about as long as the first (without this cap,
+// M 17–64 on 4096×14336 launched 336 blocks for the 264 an H100 holds of those kernels).
 struct MmaPlan {
   int m_rows;  // accumulator rows: 8, 16, 32 or 64
   ScaleMode scales;
@@ -903,18 +970,22 @@ struct MmaPlan {
 
 // The tile counters a caller keeps for mma_gemm: enough for N up to 2^19 rows.
 constexpr int kMaxTileCounters = 4096;
+// mma_kernel's dynamic shared memory: add_splits_if_last's verdict.
+constexpr unsigned kMmaSharedBytes = sizeof(int);
 
-inline MmaPlan plan_mma(int M, int N, int K, int group_len, int bits, int sm_count) {
+// blocks_per_sm: how many blocks of the chosen kernel one SM holds at once (its registers
+// decide; the CUDA occupancy query), or 0 where unknown, which leaves the grid uncapped.
+inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int bits,
+                        int sm_count, int blocks_per_sm) {
   MmaPlan plan{};
-  plan.m_rows = M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
+  plan.m_rows = kernel.m_rows;
+  plan.scales = kernel.scales;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
-  const bool chunk_in_one_group = group_len % (4 * slice_k) == 0;
-  if (group_len == K) plan.scales = ScaleMode::kEnd;
-  else if (chunk_in_one_group && plan.m_rows <= chunk_scale_max_rows(bits)) plan.scales = ScaleMode::kChunk;
-  else plan.scales = ScaleMode::kWeights;
   const int chunks = (K / slice_k + 3) / 4;
-  const int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
+  int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
+  const int64_t one_wave = static_cast<int64_t>(blocks_per_sm) * sm_count / plan.blocks_n;
+  if (one_wave >= 1 && wanted > one_wave) wanted = static_cast<int>(one_wave);
   const int64_t by_traffic = static_cast<int64_t>(K) * bits / (64 * static_cast<int64_t>(M));
   int most = chunks;
   if (by_traffic < most) most = by_traffic < 1 ? 1 : static_cast<int>(by_traffic);
@@ -926,42 +997,21 @@ inline MmaPlan plan_mma(int M, int N, int K, int group_len, int bits, int sm_cou
   return plan;
 }
 
-template <typename T, int BITS, int MROWS, ScaleMode SCALES, typename Stream>
-void launch_mma(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-                T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M, int N,
-                int K, int group_len, Stream stream) {
-  auto* kernel = &mma_kernel<T, BITS, MROWS, SCALES>;
-  const dim3 grid(plan.blocks_n, plan.splits);
-  const dim3 block(kWarp * kMmaWarps);
-  float* partials = plan.splits > 1 ? workspace : nullptr;
-  int* counters = plan.sum_in_kernel ? tile_counters : nullptr;
-  const unsigned shared_bytes = counters != nullptr ? sizeof(int) : 0u;
-  COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, x, packed, scale, zero_packed, out,
-                  partials, counters, M, N, K, group_len, K / group_len, plan.chunks_per_split);
-  if (plan.splits > 1 && counters == nullptr) {
-    constexpr int kThreads = 256;
-    const int64_t size = static_cast<int64_t>(M) * N;
-    auto* sum = &sum_splits_kernel<T>;
-    COMPRESS_LAUNCH(sum, dim3(static_cast<unsigned>((size + kThreads - 1) / kThreads)),
-                    dim3(kThreads), 0u, stream, workspace, out, M, N, plan.splits);
-  }
-}
-
-// launch_mma with the plan's ScaleMode (kChunk instantiated only where plan_mma picks it).
-template <typename T, int BITS, int MROWS, typename Stream>
-void launch_mma_scaled(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-                       T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M,
-                       int N, int K, int group_len, Stream stream) {
-  if (plan.scales == ScaleMode::kEnd) {
-    return launch_mma<T, BITS, MROWS, ScaleMode::kEnd>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-  }
-  if constexpr (MROWS <= chunk_scale_max_rows(BITS)) {
-    if (plan.scales == ScaleMode::kChunk) {
-      return launch_mma<T, BITS, MROWS, ScaleMode::kChunk>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-    }
-  }
-  return launch_mma<T, BITS, MROWS, ScaleMode::kWeights>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-}
+// What one mma_gemm launch reads and writes: the caller's pointers and shapes.
+template <typename T>
+struct MmaOperands {
+  const T* x;                  // (M, K), 16-byte aligned
+  const int32_t* packed;       // (N, K / per_word), rows 16-byte aligned
+  const T* scale;              // (N, groups)
+  const int32_t* zero_packed;  // (ceil(N / per_word), groups), or null: symmetric
+  T* out;                      // (..., N): M rows
+  float* workspace;            // plan.workspace_floats floats
+  int* tile_counters;          // kMaxTileCounters zeros, or null: a second kernel adds the splits
+  int M;
+  int N;
+  int K;
+  int group_len;
+};
 
 // Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes (K and the
 // group size multiples of mma_slice_k<BITS>()), that x and the packed rows are 16-byte
@@ -969,15 +1019,24 @@ void launch_mma_scaled(const T* x, const int32_t* packed, const T* scale, const 
 // passes kMaxTileCounters counters that are zeros (they are again when the kernel is done);
 // no two launches in flight at once may share them.
 template <typename T, int BITS, typename Stream>
-void mma_gemm(const T* x, const int32_t* packed, const T* scale, const int32_t* zero_packed,
-              T* out, float* workspace, int* tile_counters, const MmaPlan& plan, int M, int N,
-              int K, int group_len, Stream stream) {
-  if (N == 0) return;
-  switch (plan.m_rows) {
-    case 8: return launch_mma_scaled<T, BITS, 8>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-    case 16: return launch_mma_scaled<T, BITS, 16>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-    case 32: return launch_mma_scaled<T, BITS, 32>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
-    default: return launch_mma_scaled<T, BITS, 64>(x, packed, scale, zero_packed, out, workspace, tile_counters, plan, M, N, K, group_len, stream);
+void mma_gemm(const MmaOperands<T>& op, const MmaPlan& plan, Stream stream) {
+  if (op.N == 0) return;
+  const dim3 grid(plan.blocks_n, plan.splits);
+  const dim3 block(kMmaThreads);
+  float* partials = plan.splits > 1 ? op.workspace : nullptr;
+  int* counters = plan.sum_in_kernel ? op.tile_counters : nullptr;
+  const unsigned shared_bytes = counters != nullptr ? kMmaSharedBytes : 0u;
+  with_mma_kernel<T, BITS>({plan.m_rows, plan.scales}, [&](auto kernel) {
+    COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, op.x, op.packed, op.scale,
+                    op.zero_packed, op.out, partials, counters, op.M, op.N, op.K, op.group_len,
+                    op.K / op.group_len, plan.chunks_per_split);
+  });
+  if (plan.splits > 1 && counters == nullptr) {
+    constexpr int kThreads = 256;
+    const int64_t size = static_cast<int64_t>(op.M) * op.N;
+    auto* sum = &sum_splits_kernel<T>;
+    COMPRESS_LAUNCH(sum, dim3(static_cast<unsigned>((size + kThreads - 1) / kThreads)),
+                    dim3(kThreads), 0u, stream, op.workspace, op.out, op.M, op.N, plan.splits);
   }
 }
 

@@ -10,6 +10,7 @@ bounds or a missed output is seen.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ from compress.kernels import (
 from compress.quant.config import PER_CHANNEL
 from compress.quant.primitives import QuantSpec
 from tests.kernels import cuda_emulator
-from tests.kernels.cases import SCHEMES, packed_case
+from tests.kernels.cases import SCHEMES, packed_case, same_version
 
 # Every accumulator tile (1, 2, 4, 8, 16 rows), full and partly filled.
 ROWS = (1, 2, 3, 4, 7, 9, CUDA_GEMV_MAX_ROWS)
@@ -147,22 +148,28 @@ def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
     assert scale_modes == expected_scale_modes(spec), scale_modes
 
 
-def test_split_k_sums_in_the_kernel_whatever_the_block_order(emulator):
+# (rows M, sm_count, splits it gives): the last block adds M · splits partial sums per row n,
+# 16 loads at a time; 7 × 3 and 33 × 3 end a batch in the middle of a row's splits.
+SPLIT_SUMS = [(5, 4, 4), (7, 3, 3), (33, 3, 3)]
+
+
+@pytest.mark.parametrize(("m", "sm_count", "splits"), SPLIT_SUMS)
+def test_split_k_sums_in_the_kernel_whatever_the_block_order(emulator, m, sm_count, splits):
     """With K split across blocks, the block of the split that finishes last adds all the
     splits' partial sums (no second kernel): bit for bit what the second kernel computes, in
     whichever order the blocks run, and the tile counters are zeros again after every launch
     (the emulated op reports it otherwise)."""
-    n, k, spec = 136, 2048, QuantSpec(4, 128, False)  # two columns of blocks, four splits
+    n, k, spec = 136, 2048, QuantSpec(4, 128, False)  # two columns of blocks
     (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.float16, seed=9)
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(9)).half()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(9)).half()
     args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
 
     def run(**options) -> torch.Tensor:
-        out = torch.full((5, n), float("nan"), dtype=torch.float16)
-        return emulator.mma_gemm(x, *args, out=out, sm_count=4, **options)
+        out = torch.full((m, n), float("nan"), dtype=torch.float16)
+        return emulator.mma_gemm(x, *args, out=out, sm_count=sm_count, **options)
 
     separate = run(separate_sum=True)
-    assert emulator.last_splits == 4 and not emulator.last_summed_in_kernel
+    assert emulator.last_splits == splits and not emulator.last_summed_in_kernel
     expected = x.float() @ reference.t()
     assert float((separate.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]
     try:
@@ -173,6 +180,51 @@ def test_split_k_sums_in_the_kernel_whatever_the_block_order(emulator):
             assert torch.equal(summed_in_kernel, separate), f"block order {seed}"
     finally:
         emulator.set_block_order(0)
+
+
+# (K, N) of Llama-3-8B's projections, Llama-3-70B's MLP and SmolLM2-135M's (hidden size 576).
+PLAN_SHAPES = [
+    (4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 28672), (28672, 8192),
+    (576, 1536), (1536, 576),
+]  # fmt: skip
+
+
+def test_mma_plan_launches_one_wave_at_most(emulator):
+    """Where the kernel's occupancy is known, splitting K never makes more blocks than the SMs
+    hold at once: a partial second wave would take about as long as the first. The cap only
+    lowers the split count, and every split keeps at least one chunk."""
+    capped = 0
+    for (k, n), m, sm_count, blocks_per_sm in itertools.product(
+        PLAN_SHAPES, (1, 4, 8, 16, 17, 33, 64), (108, 132), (1, 2, 3, 4)
+    ):
+        plan = emulator.plan_mma(m, n, k, 128, 4, sm_count, blocks_per_sm)
+        free = emulator.plan_mma(m, n, k, 128, 4, sm_count, 0)
+        slots = sm_count * blocks_per_sm
+        case = (k, n, m, sm_count, blocks_per_sm, plan)
+        if plan["blocks_n"] <= slots:
+            assert plan["blocks_n"] * plan["splits"] <= slots, case
+        assert 1 <= plan["splits"] <= free["splits"], case
+        chunks = -(-k // kernels.mma_slice(4) // 4)  # chunks of four 32-k slices, the last partial
+        assert (plan["splits"] - 1) * plan["chunks_per_split"] < chunks, case
+        capped += plan["splits"] < free["splits"]
+    assert capped > 0, "no case where the one-wave cap changed the plan"
+    # The case that motivated it: M = 64 on 4096×14336, whose kernel an H100 holds two of per
+    # SM: uncapped, 112 × 3 = 336 blocks for 264 slots; capped, 112 × 2.
+    assert emulator.plan_mma(64, 14336, 4096, 128, 4, 132, 0)["splits"] == 3
+    assert emulator.plan_mma(64, 14336, 4096, 128, 4, 132, 2)["splits"] == 2
+
+
+def test_mma_gemm_with_a_one_wave_plan_matches_the_reference(emulator):
+    """A plan the cap lowered (four splits wanted, two fit) computes the same product."""
+    n, k, spec = 136, 2048, QuantSpec(4, 128, True)
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.bfloat16, seed=11)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(11)).bfloat16()
+    out = torch.full((17, n), float("nan"), dtype=torch.bfloat16)
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+    emulator.mma_gemm(x, *args, out=out, sm_count=4, blocks_per_sm=1)
+    assert emulator.last_splits == 2 and emulator.last_summed_in_kernel
+    expected = x.float() @ reference.t()
+    assert float((out.float() - expected).norm() / expected.norm()) < REL_TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -303,10 +355,35 @@ def test_cuda_dispatch_keeps_cast_scales_until_they_change(emulated_cuda_ops):
     (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float32, seed=7)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(7)).half()
     first = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
-    kept = weight_packed._compress_operands[1][0]
+    kept = weight_packed._compress_operands.value[0]
     assert kept.dtype == torch.float16
     torch.testing.assert_close(_dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k), first)
-    assert weight_packed._compress_operands[1][0] is kept
+    assert weight_packed._compress_operands.value[0] is kept
     scale.mul_(2)
     doubled = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
     torch.testing.assert_close(doubled.float(), 2 * first.float(), rtol=2e-3, atol=1e-3)
+
+
+def test_cuda_dispatch_checks_x_on_every_call(emulated_cuda_ops):
+    """The weight's checks run once per state of the weight, x's on every call: a wrong K
+    after the operands are cached is still the op's own error, naming the shapes."""
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float32, seed=8)
+    _dequant_matmul_cuda(torch.randn(1, k).half(), weight_packed, scale, zero, 4, 64, k)
+    assert weight_packed._compress_operands is not None
+    with pytest.raises(ValueError, match=r"x has 128 features.*x \(1, 128\)"):
+        _dequant_matmul_cuda(torch.randn(1, 128).half(), weight_packed, scale, zero, 4, 64, k)
+    with pytest.raises(ValueError, match="group_size 48 is not -1"):
+        _dequant_matmul_cuda(torch.randn(1, k).half(), weight_packed, scale, zero, 4, 48, k)
+
+
+def test_cuda_dispatch_remakes_operands_for_another_scale_tensor(emulated_cuda_ops):
+    """Another scale tensor with the same version counter gets its own cast scales."""
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float32, seed=9)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9)).half()
+    doubled = 2 * scale
+    same_version(doubled, scale)
+    first = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+    got = _dequant_matmul_cuda(x, weight_packed, doubled, zero, 4, 64, k)
+    torch.testing.assert_close(got.float(), 2 * first.float(), rtol=2e-3, atol=1e-3)

@@ -58,20 +58,24 @@ extern "C" const char* emulated_dequantize(int dtype, int bits, const int32_t* p
 // The blocks' order in every launch that follows: 0 grid order, else a shuffle by this seed.
 extern "C" void emulated_set_block_order(unsigned seed) { cuda_emu::g_block_order_seed = seed; }
 
-// sm_count stands in for the device's multiprocessor count: small values make the plan split K.
-// The plan's split count and ScaleMode (0 kWeights, 1 kChunk, 2 kEnd) come back through
-// splits and scales; whether the last split's block added the partial sums (no second
-// kernel) through summed_in_kernel. separate_sum passes no tile counters, as the CUDA op does
-// where it has none for the stream. The counters persist across calls, as the CUDA op's do,
-// and must be zeros again after each.
+// sm_count and blocks_per_sm stand in for the device's multiprocessor count and the chosen
+// kernel's occupancy (0: unknown, no one-wave cap): small values make the plan split K. The
+// plan's split count and ScaleMode (0 kWeights, 1 kChunk, 2 kEnd) come back through splits
+// and scales; whether the last split's block added the partial sums (no second kernel)
+// through summed_in_kernel. separate_sum passes no tile counters, as the CUDA op does where
+// it has none for the stream. The counters persist across calls, as the CUDA op's do, and
+// must be zeros again after each.
 extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          const int32_t* packed, const void* scale,
                                          const int32_t* zero_packed, void* out, int M, int N,
-                                         int K, int group_len, int sm_count, int separate_sum,
-                                         int* splits, int* scales, int* summed_in_kernel) {
+                                         int K, int group_len, int sm_count, int blocks_per_sm,
+                                         int separate_sum, int* splits, int* scales,
+                                         int* summed_in_kernel) {
   static std::vector<int> tile_counters(compress_kernels::kMaxTileCounters, 0);
   return run([&](cuda_emu::Stream stream) {
-    const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(M, N, K, group_len, bits, sm_count);
+    const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
+    const compress_kernels::MmaPlan plan =
+        compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
     *splits = plan.splits;
     *scales = static_cast<int>(plan.scales);
     int* counters = separate_sum ? nullptr : tile_counters.data();
@@ -80,20 +84,29 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
     std::vector<float> workspace(plan.workspace_floats, std::nanf(""));
     auto call = [&](auto tag) {
       using T = decltype(tag);
-      const T* xp = static_cast<const T*>(x);
-      const T* sp = static_cast<const T*>(scale);
-      T* op = static_cast<T*>(out);
-      if (bits == 4) {
-        compress_kernels::mma_gemm<T, 4>(xp, packed, sp, zero_packed, op, workspace.data(), counters, plan, M, N, K, group_len, stream);
-      } else {
-        compress_kernels::mma_gemm<T, 8>(xp, packed, sp, zero_packed, op, workspace.data(), counters, plan, M, N, K, group_len, stream);
-      }
+      const compress_kernels::MmaOperands<T> operands{
+          static_cast<const T*>(x), packed, static_cast<const T*>(scale), zero_packed,
+          static_cast<T*>(out), workspace.data(), counters, M, N, K, group_len};
+      if (bits == 4) compress_kernels::mma_gemm<T, 4>(operands, plan, stream);
+      else compress_kernels::mma_gemm<T, 8>(operands, plan, stream);
     };
     if (dtype == 0) call(__half{});
     else call(__nv_bfloat16{});
     const bool reset = std::all_of(tile_counters.begin(), tile_counters.end(), [](int c) { return c == 0; });
     if (!reset && stream.error->empty()) *stream.error = "mma_gemm left its tile counters nonzero";
   });
+}
+
+// mma_gemm's launch plan alone, for shapes too large to emulate: the chosen kernel's m_rows and
+// ScaleMode, blocks_n, splits, chunks_per_split and sum_in_kernel, in that order, into fields.
+extern "C" void emulated_plan_mma(int M, int N, int K, int group_len, int bits, int sm_count,
+                                  int blocks_per_sm, int* fields) {
+  const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
+  const compress_kernels::MmaPlan plan =
+      compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
+  const int values[] = {plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
+                        plan.splits, plan.chunks_per_split, plan.sum_in_kernel};
+  std::copy(std::begin(values), std::end(values), fields);
 }
 
 // How many n in [0, n_end) SmallDivisor(d) divides wrongly, with its float inverse moved
