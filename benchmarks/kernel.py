@@ -6,7 +6,8 @@ on the dense weight), dequantize + cuBLAS, the speedup over FP16, the achieved b
 (packed weight + scales + activations + output bytes over time) and its share of the device's
 copy bandwidth, measured in the same run with a large device-to-device copy. The GEMV
 (M ≤ 16) and tensor-core (M ≤ 64) kernels are also timed on their own, so that the row
-limits in compress/kernels.py can be set from one run.
+limits in compress/kernels.py can be set from one run, and the tensor-core kernel's grid is
+shown (blocks of 128 rows × splits of K, and how much of one wave of the SMs they fill).
 
 Timing: the `--iters` calls of a round are captured in one CUDA graph and replayed between
 CUDA events (eager calls where capture fails; the table says which), after `--warmup` calls;
@@ -125,6 +126,16 @@ def _us(ms: float | None) -> str:
     return "–" if ms is None else f"{ms * 1e3:.1f}"
 
 
+def mma_grid(m: int, n: int, k: int, args: argparse.Namespace) -> str:
+    """The tensor-core kernel's grid for these shapes on this device (compress_cuda::mma_plan):
+    blocks of 128 rows n × splits of K, and the blocks an SM holds at once, which caps it."""
+    _, _, blocks_n, splits, per_sm = torch.ops.compress_cuda.mma_plan(
+        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16"
+    )
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    return f"{blocks_n} × {splits} ({blocks_n * splits / (per_sm * sm_count):.2f} of a wave)"
+
+
 def copy_bandwidth_gbs(args: argparse.Namespace) -> float:
     """Device-to-device copy of 1 GiB: bytes read + written per second."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -168,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured copy bandwidth: {peak:.0f} GB/s.",
         "",
         "| K×N | M | path | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) "
-        "| speedup vs FP16 | GB/s | % of copy bw | GEMV (µs) | tensor cores (µs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| speedup vs FP16 | GB/s | % of copy bw | GEMV (µs) | tensor cores (µs) "
+        "| tensor-core grid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, n in SHAPES:
         packed = make_weight(k, n, spec, dtype)
@@ -194,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"| {k}×{n} | {m} | {path} | {t['ours'] * 1e3:.1f} | {t['cublas'] * 1e3:.1f} "
                 f"| {t['two_step'] * 1e3:.1f} | {t['cublas'] / t['ours']:.2f}× | {gbs:.0f} "
-                f"| {100 * gbs / peak:.0f}% | {_us(t['gemv'])} | {_us(t['mma'])} |"
+                f"| {100 * gbs / peak:.0f}% | {_us(t['gemv'])} | {_us(t['mma'])} "
+                f"| {mma_grid(m, n, k, args) if t['mma'] is not None else '–'} |"
             )
         del op_args, denses
     timing = " and ".join(sorted(TIMING_MODES))

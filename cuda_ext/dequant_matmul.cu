@@ -15,6 +15,9 @@
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
 //
+// A fourth, mma_plan(rows, out_features, in_features, group_size, bits, bfloat16) → int[],
+// says what mma_gemm would launch on the current device (benchmarks/kernel.py shows it).
+//
 // Only what the kernels need is included (the CUDA 13 toolkit here has no cuBLAS headers).
 
 #include <ATen/ATen.h>
@@ -222,20 +225,26 @@ int resident_blocks(const void* kernel, int device) {
   return blocks;
 }
 
-// mma_gemm's plan and launch for x's (M, K) rows: the kernel for M, its occupancy on `device`,
-// the split-K workspace and counters.
+// mma_gemm's launch plan for M rows on `device` (the current one): the kernel for M and its
+// occupancy there, which caps the grid at one wave.
 template <typename T, int BITS>
-void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Tensor& scale,
-                     const at::Tensor& out, int device, cudaStream_t stream) {
-  const int M = static_cast<int>(x.size(0));
-  const auto choice = compress_kernels::choose_mma_kernel(M, w.K, w.group_len, BITS);
+compress_kernels::MmaPlan plan_on_device(int M, int N, int K, int group_len, int device) {
+  const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, BITS);
   int blocks_per_sm = 0;
   compress_kernels::with_mma_kernel<T, BITS>(choice, [&](auto kernel) {
     blocks_per_sm = resident_blocks(reinterpret_cast<const void*>(kernel), device);
   });
-  const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
-      choice, M, w.N, w.K, BITS, device_attribute(cudaDevAttrMultiProcessorCount, device),
-      blocks_per_sm);
+  return compress_kernels::plan_mma(choice, M, N, K, BITS,
+                                    device_attribute(cudaDevAttrMultiProcessorCount, device),
+                                    blocks_per_sm);
+}
+
+// mma_gemm's launch for x's (M, K) rows: the plan, the split-K workspace and counters.
+template <typename T, int BITS>
+void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Tensor& scale,
+                     const at::Tensor& out, int device, cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0));
+  const compress_kernels::MmaPlan plan = plan_on_device<T, BITS>(M, w.N, w.K, w.group_len, device);
   at::Tensor workspace;
   if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
   const compress_kernels::MmaOperands<T> operands{
@@ -244,6 +253,28 @@ void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Ten
       plan.sum_in_kernel ? tile_counters(device, stream) : nullptr,
       M, w.N, w.K, w.group_len};
   compress_kernels::mma_gemm<T, BITS>(operands, plan, stream);
+}
+
+// What mma_gemm would launch for these shapes on the current device, for benchmarks/kernel.py's
+// table: [m_rows, ScaleMode, blocks_n, splits, blocks_per_sm].
+std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_features,
+                              int64_t group_size, int64_t bits, bool bfloat16) {
+  TORCH_CHECK(bits == 4 || bits == 8, "compress_cuda.mma_plan: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(rows >= 1 && rows <= kMmaMaxRows && out_features >= 1 && in_features >= 1,
+              "compress_cuda.mma_plan: rows must be in [1, ", kMmaMaxRows,
+              "] and the features positive, got ", rows, ", ", out_features, ", ", in_features);
+  const int device = c10::cuda::current_device();
+  const int group_len = static_cast<int>(group_size == -1 ? in_features : group_size);
+  compress_kernels::MmaPlan plan{};
+  with_cuda_type(bfloat16 ? at::kBFloat16 : at::kHalf, [&](auto tag) {
+    using T = decltype(tag);
+    const int M = static_cast<int>(rows), N = static_cast<int>(out_features);
+    const int K = static_cast<int>(in_features);
+    plan = bits == 4 ? plan_on_device<T, 4>(M, N, K, group_len, device)
+                     : plan_on_device<T, 8>(M, N, K, group_len, device);
+  });
+  return {plan.m_rows, static_cast<int64_t>(plan.scales), plan.blocks_n, plan.splits,
+          plan.blocks_per_sm};
 }
 
 at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
@@ -309,6 +340,10 @@ TORCH_LIBRARY(compress_cuda, m) {
   m.def(
       "dequantize(Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
       "int group_size, int in_features) -> Tensor");
+  m.def(
+      "mma_plan(int rows, int out_features, int in_features, int group_size, int bits, "
+      "bool bfloat16) -> int[]",
+      &mma_plan);
 }
 
 TORCH_LIBRARY_IMPL(compress_cuda, CUDA, m) {

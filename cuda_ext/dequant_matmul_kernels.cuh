@@ -966,6 +966,7 @@ struct MmaPlan {
   // Whether the last split of each column of blocks adds the partial sums (the caller passes
   // kMaxTileCounters zeroed counters) instead of a second kernel.
   bool sum_in_kernel;
+  int blocks_per_sm;  // the occupancy the grid was capped for (0: unknown, uncapped)
 };
 
 // The tile counters a caller keeps for mma_gemm: enough for N up to 2^19 rows.
@@ -980,6 +981,7 @@ inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int 
   MmaPlan plan{};
   plan.m_rows = kernel.m_rows;
   plan.scales = kernel.scales;
+  plan.blocks_per_sm = blocks_per_sm;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
   const int chunks = (K / slice_k + 3) / 4;

@@ -31,7 +31,7 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])
-for op in ("gemv", "mma_gemm", "dequantize"):
+for op in ("gemv", "mma_gemm", "dequantize", "mma_plan"):
     schema = getattr(torch.ops.compress_cuda, op).default._schema
     print(f"registered: {schema}")
 PY

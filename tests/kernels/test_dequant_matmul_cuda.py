@@ -7,6 +7,8 @@ through the raw op, so a kernel that skips rows or columns cannot pass on stale 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from compress import cuda_ops
 from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec
-from tests.kernels.cases import SCHEMES, packed_case
+from tests.kernels.cases import SCHEMES, packed_case, same_version
 
 pytestmark = [
     pytest.mark.gpu,
@@ -143,6 +145,37 @@ def test_split_k_gives_the_same_bits_on_every_stream_and_in_graphs():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, first)
+
+
+# (K, N) of Llama-3-8B's projections: their grids at M 17–64 needed the one-wave cap.
+LLAMA_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_grid_fits_one_wave(dtype):
+    """The occupancy the op asks CUDA for is that of a real kernel (at least one block per
+    SM, at most the 16 of 128 threads an SM holds), and splitting K keeps the grid within one
+    wave of it on this device."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    for (k, n), m in itertools.product(LLAMA_SHAPES, (1, 16, 17, 33, 64)):
+        _, _, blocks_n, splits, per_sm = torch.ops.compress_cuda.mma_plan(
+            m, n, k, 128, 4, dtype == torch.bfloat16
+        )
+        assert 1 <= per_sm <= 16, (k, n, m, per_sm)
+        assert splits >= 1 and blocks_n * splits <= per_sm * sm_count, (k, n, m, splits)
+
+
+def test_op_takes_another_scale_tensor_of_the_same_version():
+    """Another scale tensor with the same version counter gets its own cast scales."""
+    n, k, spec = 128, 256, QuantSpec(4, 64, False)
+    packed, _ = packed_case(n, k, spec, torch.float32, seed=9)
+    weight_packed, scale, zero = _on_gpu(packed)
+    doubled = 2 * scale
+    same_version(doubled, scale)
+    x = torch.randn(4, k, device="cuda", dtype=torch.float16)
+    first = OP(x, weight_packed, scale, zero, 4, 64, k)
+    second = OP(x, weight_packed, doubled, zero, 4, 64, k)
+    torch.testing.assert_close(second, 2 * first, rtol=2e-3, atol=1e-3)
 
 
 def test_gemv_takes_unaligned_activations():
