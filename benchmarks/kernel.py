@@ -128,12 +128,15 @@ def _us(ms: float | None) -> str:
 
 def mma_grid(m: int, n: int, k: int, args: argparse.Namespace) -> str:
     """The tensor-core kernel's grid for these shapes on this device (compress_cuda::mma_plan):
-    blocks of 128 rows n × splits of K, and the blocks an SM holds at once, which caps it."""
-    _, _, blocks_n, splits, per_sm = torch.ops.compress_cuda.mma_plan(
+    blocks of 128 rows n × splits of K, their share of one wave (the blocks an SM holds at
+    once cap it) and who adds the splits: the last block, or a second kernel."""
+    _, _, blocks_n, splits, per_sm, in_kernel = torch.ops.compress_cuda.mma_plan(
         m, n, k, args.group_size, args.bits, args.dtype == "bfloat16"
     )
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    return f"{blocks_n} × {splits} ({blocks_n * splits / (per_sm * sm_count):.2f} of a wave)"
+    wave = blocks_n * splits / (per_sm * sm_count)
+    summed = "" if splits == 1 else ", sums in kernel" if in_kernel else ", sums: 2nd kernel"
+    return f"{blocks_n} × {splits} ({wave:.2f} of a wave{summed})"
 
 
 def copy_bandwidth_gbs(args: argparse.Namespace) -> float:

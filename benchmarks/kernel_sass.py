@@ -53,7 +53,7 @@ REGISTERS_PER_SM, REGISTER_UNIT, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 256, 204
 THREADS_PER_BLOCK = 128
 # (K, N) of benchmarks/kernel.py's Llama-3-8B shapes, and the rows M its table reports (and 32).
 PLAN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
-PLAN_ROWS = (1, 16, 32, 64)
+PLAN_ROWS = (1, 4, 16, 32, 64)
 WEIGHT_READ_US = {4: 8.8, 8: 17.5}
 DEQUANTIZE_OPS = ("PRMT", "LOP3", "HADD2", "HMUL2", "SHF", "FADD", "FMUL", "F2FP")
 DTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -327,15 +327,15 @@ PLAN_PROGRAM = r"""
 #include "dequant_matmul_kernels.cuh"
 
 // Reads lines "M N K group_len bits sm_count blocks_per_sm";
-// writes "m_rows scales blocks_n splits".
+// writes "m_rows scales blocks_n splits sum_in_kernel".
 int main() {
   int M, N, K, group_len, bits, sm_count, blocks_per_sm;
   while (std::scanf("%d %d %d %d %d %d %d", &M, &N, &K, &group_len, &bits, &sm_count,
                     &blocks_per_sm) == 7) {
     const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
     const auto plan = compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
-    std::printf("%d %d %d %d\n", plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
-                plan.splits);
+    std::printf("%d %d %d %d %d\n", plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
+                plan.splits, plan.sum_in_kernel);
   }
   return 0;
 }
@@ -345,7 +345,7 @@ int main() {
 class PlanProgram:
     """plan_mma compiled for the host into `directory`; called with queries (M, N, K,
     group_len, bits, sm_count, blocks_per_sm), it answers (m_rows, ScaleMode value, blocks_n,
-    splits) for each."""
+    splits, sum_in_kernel) for each."""
 
     def __init__(self, directory: Path) -> None:
         source, self.program = directory / "plans.cu", directory / "plans"
@@ -391,19 +391,22 @@ def plan_table(rows: list[dict]) -> str:
         blocks = plan[2] * plan[3]
         return f"{plan[2]} × {plan[3]} = {blocks} ({blocks / (SM_COUNT * held_per_sm):.2f})"
 
+    def summed(plan: tuple[int, ...]) -> str:
+        return "–" if plan[3] == 1 else "in the kernel" if plan[4] else "second kernel"
+
     lines = [
         f"## mma_gemm grids, INT4 g128 on {SM_COUNT} SMs: blocks (waves of the SMs' slots)",
         "",
         "| K × N | M | kernel | blocks per SM fp16 / bf16 | without the one-wave cap, fp16 "
-        "| fp16 | bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| fp16 | bf16 | splits added |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, (m, n, k) in enumerate(cases):
         fp16, bf16 = slots["float16"][i], slots["bfloat16"][i]
         lines.append(
             f"| {k} × {n} | {m} | {free[i][0]} rows, {names[free[i][1]]} | {fp16} / {bf16} "
             f"| {grid(free[i], fp16)} | {grid(capped['float16'][i], fp16)} "
-            f"| {grid(capped['bfloat16'][i], bf16)} |"
+            f"| {grid(capped['bfloat16'][i], bf16)} | {summed(capped['float16'][i])} |"
         )
     return "\n".join(lines)
 

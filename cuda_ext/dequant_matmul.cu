@@ -256,7 +256,7 @@ void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Ten
 }
 
 // What mma_gemm would launch for these shapes on the current device, for benchmarks/kernel.py's
-// table: [m_rows, ScaleMode, blocks_n, splits, blocks_per_sm].
+// table: [m_rows, ScaleMode, blocks_n, splits, blocks_per_sm, sum_in_kernel].
 std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_features,
                               int64_t group_size, int64_t bits, bool bfloat16) {
   TORCH_CHECK(bits == 4 || bits == 8, "compress_cuda.mma_plan: bits must be 4 or 8, got ", bits);
@@ -274,7 +274,7 @@ std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_fea
                      : plan_on_device<T, 8>(M, N, K, group_len, device);
   });
   return {plan.m_rows, static_cast<int64_t>(plan.scales), plan.blocks_n, plan.splits,
-          plan.blocks_per_sm};
+          plan.blocks_per_sm, plan.sum_in_kernel};
 }
 
 at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,

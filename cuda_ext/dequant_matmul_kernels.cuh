@@ -504,11 +504,11 @@ __device__ __noinline__ void add_splits_if_last(const float* partials, T* out, i
   __syncthreads();
   const int n = blockIdx.x * kMmaRowsPerBlock + static_cast<int>(threadIdx.x);
   if (*last == 0 || n >= N) return;
-  // The M · splits partial sums of this thread's row n, (m, split) in order, kSumLoads at a
-  // time: every load of a batch is issued before the first add waits on one, so the thread
-  // waits on L2 ⌈M · splits / kSumLoads⌉ times (an outer loop over m with the few splits, 2–9,
-  // inside waited once per row m: 64 times at M = 64). Each row's sum still runs 0 + split 0 +
-  // split 1 + …, the same bits as sum_splits_kernel.
+  // The M · splits partial sums of this thread's row n (at most kMaxSumsInKernel), (m, split)
+  // in order, kSumLoads at a time: every load of a batch is issued before the first add waits
+  // on one, so the thread waits on L2 ⌈M · splits / kSumLoads⌉ times, where an outer loop over
+  // m with the few splits inside waited once per row m. Each row's sum still runs 0 + split 0
+  // + split 1 + …, the same bits as sum_splits_kernel.
   constexpr int kSumLoads = 16;
   const int splits = static_cast<int>(gridDim.y);
   const int pairs = M * splits;
@@ -971,6 +971,12 @@ struct MmaPlan {
 
 // The tile counters a caller keeps for mma_gemm: enough for N up to 2^19 rows.
 constexpr int kMaxTileCounters = 4096;
+// The most partial sums (M · splits) one thread of the last block adds in the kernel. It
+// takes them 16 loads at a time, about an L2 round trip and 250 issue cycles each (~0.4 µs);
+// past 4 such batches a second kernel, one thread per output, is cheaper (about 1–2 µs in a
+// CUDA graph, most of it the launch). Decode shapes stay under it (M = 1: up to 64 splits);
+// the M 17–64 kernels of every Llama-3-8B shape go over. A modelled limit, not yet measured.
+constexpr int kMaxSumsInKernel = 64;
 // mma_kernel's dynamic shared memory: add_splits_if_last's verdict.
 constexpr unsigned kMmaSharedBytes = sizeof(int);
 
@@ -995,7 +1001,8 @@ inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int 
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
   plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(plan.splits) * M * N : 0;
-  plan.sum_in_kernel = plan.splits > 1 && plan.blocks_n <= kMaxTileCounters;
+  plan.sum_in_kernel = plan.splits > 1 && plan.blocks_n <= kMaxTileCounters &&
+                       M * plan.splits <= kMaxSumsInKernel;
   return plan;
 }
 

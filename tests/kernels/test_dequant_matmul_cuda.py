@@ -158,7 +158,7 @@ def test_tensor_core_grid_fits_one_wave(dtype):
     wave of it on this device."""
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     for (k, n), m in itertools.product(LLAMA_SHAPES, (1, 16, 17, 33, 64)):
-        _, _, blocks_n, splits, per_sm = torch.ops.compress_cuda.mma_plan(
+        _, _, blocks_n, splits, per_sm, _ = torch.ops.compress_cuda.mma_plan(
             m, n, k, 128, 4, dtype == torch.bfloat16
         )
         assert 1 <= per_sm <= 16, (k, n, m, per_sm)

@@ -149,8 +149,9 @@ def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
 
 
 # (rows M, sm_count, splits it gives): the last block adds M · splits partial sums per row n,
-# 16 loads at a time; 7 × 3 and 33 × 3 end a batch in the middle of a row's splits.
-SPLIT_SUMS = [(5, 4, 4), (7, 3, 3), (33, 3, 3)]
+# 16 loads at a time; 7 × 3 and 21 × 3 (four batches, the most it takes) end a batch in the
+# middle of a row's splits.
+SPLIT_SUMS = [(5, 4, 4), (7, 3, 3), (21, 3, 3)]
 
 
 @pytest.mark.parametrize(("m", "sm_count", "splits"), SPLIT_SUMS)
@@ -192,7 +193,8 @@ PLAN_SHAPES = [
 def test_mma_plan_launches_one_wave_at_most(emulator):
     """Where the kernel's occupancy is known, splitting K never makes more blocks than the SMs
     hold at once: a partial second wave would take about as long as the first. The cap only
-    lowers the split count, and every split keeps at least one chunk."""
+    lowers the split count, every split keeps at least one chunk, and the last block adds the
+    splits itself only up to 64 partial sums per thread (a second kernel above)."""
     capped = 0
     for (k, n), m, sm_count, blocks_per_sm in itertools.product(
         PLAN_SHAPES, (1, 4, 8, 16, 17, 33, 64), (108, 132), (1, 2, 3, 4)
@@ -206,6 +208,9 @@ def test_mma_plan_launches_one_wave_at_most(emulator):
         assert 1 <= plan["splits"] <= free["splits"], case
         chunks = -(-k // kernels.mma_slice(4) // 4)  # chunks of four 32-k slices, the last partial
         assert (plan["splits"] - 1) * plan["chunks_per_split"] < chunks, case
+        # The last block adds the splits while they are at most 64 partial sums per thread.
+        in_kernel = plan["splits"] > 1 and m * plan["splits"] <= 64
+        assert plan["sum_in_kernel"] == in_kernel, case
         capped += plan["splits"] < free["splits"]
     assert capped > 0, "no case where the one-wave cap changed the plan"
     # The case that motivated it: M = 64 on 4096×14336, whose kernel an H100 holds two of per
