@@ -952,7 +952,8 @@ void with_mma_kernel(const MmaKernelChoice& choice, Fn&& fn) {
 // How mma_gemm covers the output: the kernel, enough blocks for two per SM, K split across
 // blocks only when the blocks of 128 rows n alone are too few. Each split writes M·N float
 // partial sums that are read back once (8 bytes per output and split): at most as many splits
-// as keep that below the weight's bytes. And no more blocks than the SMs hold at once: past
+// as keep that below the weight's bytes, unless the grid would not reach one block per SM
+// (see plan_mma). And no more blocks than the SMs hold at once: past
 // that, the blocks that wait for a free slot run as a second wave of a few blocks, with a
 // fraction of the bytes in flight, and take about as long as the first (without this cap,
 // M 17–64 on 4096×14336 launched 336 blocks for the 264 an H100 holds of those kernels).
@@ -997,6 +998,12 @@ inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int 
   const int64_t by_traffic = static_cast<int64_t>(K) * bits / (64 * static_cast<int64_t>(M));
   int most = chunks;
   if (by_traffic < most) most = by_traffic < 1 ? 1 : static_cast<int>(by_traffic);
+  // Below one block per SM the kernel waits on latency, not bandwidth, so up to that many
+  // blocks the traffic bound gives way: the extra partial sums are read back at once (mostly
+  // from L2), and fewer splits would read longer shares of K in series (4096×1024 at M = 64
+  // went from 8 × 4 blocks to 8 × 16).
+  const int one_per_sm = sm_count / plan.blocks_n;
+  if (most < one_per_sm) most = one_per_sm < chunks ? one_per_sm : chunks;
   const int splits = wanted < 1 ? 1 : wanted > most ? most : wanted;
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty

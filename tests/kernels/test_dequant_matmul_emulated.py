@@ -193,8 +193,9 @@ PLAN_SHAPES = [
 def test_mma_plan_launches_one_wave_at_most(emulator):
     """Where the kernel's occupancy is known, splitting K never makes more blocks than the SMs
     hold at once: a partial second wave would take about as long as the first. The cap only
-    lowers the split count, every split keeps at least one chunk, and the last block adds the
-    splits itself only up to 64 partial sums per thread (a second kernel above)."""
+    lowers the split count, every split keeps at least one chunk, the grid reaches one block
+    per SM where K has the chunks for it, and the last block adds the splits itself only up
+    to 64 partial sums per thread (a second kernel above)."""
     capped = 0
     for (k, n), m, sm_count, blocks_per_sm in itertools.product(
         PLAN_SHAPES, (1, 4, 8, 16, 17, 33, 64), (108, 132), (1, 2, 3, 4)
@@ -208,6 +209,11 @@ def test_mma_plan_launches_one_wave_at_most(emulator):
         assert 1 <= plan["splits"] <= free["splits"], case
         chunks = -(-k // kernels.mma_slice(4) // 4)  # chunks of four 32-k slices, the last partial
         assert (plan["splits"] - 1) * plan["chunks_per_split"] < chunks, case
+        # Up to one block per SM the partial sums' traffic does not limit the splits: no split
+        # reads more of K than splitting into that many blocks gives it.
+        one_per_sm = min(chunks, sm_count // plan["blocks_n"])
+        if one_per_sm >= 1:
+            assert plan["chunks_per_split"] <= -(-chunks // one_per_sm), case
         # The last block adds the splits while they are at most 64 partial sums per thread.
         in_kernel = plan["splits"] > 1 and m * plan["splits"] <= 64
         assert plan["sum_in_kernel"] == in_kernel, case
