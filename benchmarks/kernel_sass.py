@@ -334,8 +334,8 @@ int main() {
                     &blocks_per_sm) == 7) {
     const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
     const auto plan = compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
-    std::printf("%d %d %d %d %d\n", plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
-                plan.splits, plan.sum_in_kernel);
+    std::printf("%d %d %d %d %d\n", plan.kernel.m_rows, static_cast<int>(plan.kernel.scales),
+                plan.blocks_n, plan.splits, plan.sum_in_kernel);
   }
   return 0;
 }

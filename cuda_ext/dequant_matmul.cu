@@ -273,7 +273,7 @@ std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_fea
     plan = bits == 4 ? plan_on_device<T, 4>(M, N, K, group_len, device)
                      : plan_on_device<T, 8>(M, N, K, group_len, device);
   });
-  return {plan.m_rows, static_cast<int64_t>(plan.scales), plan.blocks_n, plan.splits,
+  return {plan.kernel.m_rows, static_cast<int64_t>(plan.kernel.scales), plan.blocks_n, plan.splits,
           plan.blocks_per_sm, plan.sum_in_kernel};
 }
 

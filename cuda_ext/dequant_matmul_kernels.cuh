@@ -958,8 +958,7 @@ void with_mma_kernel(const MmaKernelChoice& choice, Fn&& fn) {
 // fraction of the bytes in flight, and take about as long as the first (without this cap,
 // M 17–64 on 4096×14336 launched 336 blocks for the 264 an H100 holds of those kernels).
 struct MmaPlan {
-  int m_rows;  // accumulator rows: 8, 16, 32 or 64
-  ScaleMode scales;
+  MmaKernelChoice kernel;
   int blocks_n;
   int splits;
   int chunks_per_split;
@@ -975,8 +974,9 @@ constexpr int kMaxTileCounters = 4096;
 // The most partial sums (M · splits) one thread of the last block adds in the kernel. It
 // takes them 16 loads at a time, about an L2 round trip and 250 issue cycles each (~0.4 µs);
 // past 4 such batches a second kernel, one thread per output, is cheaper (about 1–2 µs in a
-// CUDA graph, most of it the launch). Decode shapes stay under it (M = 1: up to 64 splits);
-// the M 17–64 kernels of every Llama-3-8B shape go over. A modelled limit, not yet measured.
+// CUDA graph, most of it the launch). M = 1 stays under it up to 64 splits; on Llama-3-8B's
+// shapes M = 64 always goes over (benchmarks/kernel_sass.py's grids). A modelled limit, not
+// yet measured.
 constexpr int kMaxSumsInKernel = 64;
 // mma_kernel's dynamic shared memory: add_splits_if_last's verdict.
 constexpr unsigned kMmaSharedBytes = sizeof(int);
@@ -986,8 +986,7 @@ constexpr unsigned kMmaSharedBytes = sizeof(int);
 inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int bits,
                         int sm_count, int blocks_per_sm) {
   MmaPlan plan{};
-  plan.m_rows = kernel.m_rows;
-  plan.scales = kernel.scales;
+  plan.kernel = kernel;
   plan.blocks_per_sm = blocks_per_sm;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
@@ -1042,7 +1041,7 @@ void mma_gemm(const MmaOperands<T>& op, const MmaPlan& plan, Stream stream) {
   float* partials = plan.splits > 1 ? op.workspace : nullptr;
   int* counters = plan.sum_in_kernel ? op.tile_counters : nullptr;
   const unsigned shared_bytes = counters != nullptr ? kMmaSharedBytes : 0u;
-  with_mma_kernel<T, BITS>({plan.m_rows, plan.scales}, [&](auto kernel) {
+  with_mma_kernel<T, BITS>(plan.kernel, [&](auto kernel) {
     COMPRESS_LAUNCH(kernel, grid, block, shared_bytes, stream, op.x, op.packed, op.scale,
                     op.zero_packed, op.out, partials, counters, op.M, op.N, op.K, op.group_len,
                     op.K / op.group_len, plan.chunks_per_split);

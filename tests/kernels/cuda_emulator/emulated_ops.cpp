@@ -77,7 +77,7 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
     const compress_kernels::MmaPlan plan =
         compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
     *splits = plan.splits;
-    *scales = static_cast<int>(plan.scales);
+    *scales = static_cast<int>(plan.kernel.scales);
     int* counters = separate_sum ? nullptr : tile_counters.data();
     *summed_in_kernel = plan.sum_in_kernel && counters != nullptr;
     // NaN: a partial sum the reduction reads but no block wrote shows in the output.
@@ -104,7 +104,7 @@ extern "C" void emulated_plan_mma(int M, int N, int K, int group_len, int bits, 
   const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
   const compress_kernels::MmaPlan plan =
       compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm);
-  const int values[] = {plan.m_rows, static_cast<int>(plan.scales), plan.blocks_n,
+  const int values[] = {plan.kernel.m_rows, static_cast<int>(plan.kernel.scales), plan.blocks_n,
                         plan.splits, plan.chunks_per_split, plan.sum_in_kernel};
   std::copy(std::begin(values), std::end(values), fields);
 }
