@@ -9,6 +9,12 @@ copy bandwidth, measured in the same run with a large device-to-device copy. The
 limits in compress/kernels.py can be set from one run, and the tensor-core kernel's grid is
 shown (blocks of 128 rows × splits of K, and how much of one wave of the SMs they fill).
 
+`--sweep-splits` times the tensor-core kernel instead at every split of K in 1, 2, 4, … 64
+(as many as K has chunks for; the op's `splits` argument overrides the launch plan) beside
+the plan's own choice, and prints which was fastest per shape and M: one GPU run shows where
+compress_kernels::plan_mma's split-K heuristic (a model: two blocks per SM, at most one wave,
+partial sums under the weight's bytes) leaves time behind.
+
 Timing: the `--iters` calls of a round are captured in one CUDA graph and replayed between
 CUDA events (eager calls where capture fails; the table says which), after `--warmup` calls;
 median of `--repeats` rounds. A graph keeps the host's per-call dispatch (microseconds of
@@ -17,7 +23,7 @@ enough copies of the weights to fill three times the L2 cache, so that each call
 weights from device memory as a decoding model does, not from L2 (Llama-3-8B's 4096×14336
 INT4 weight is 29 MB; an H100's L2 is 50 MB); the L2 is also flushed between rounds.
 
-    python benchmarks/kernel.py [--bits 4 --group-size 128] [--dtype float16]
+    python benchmarks/kernel.py [--bits 4 --group-size 128] [--dtype float16] [--sweep-splits]
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ OP = torch.ops.compress.dequant_matmul
 # (K, N) of Llama-3-8B: q/o_proj, gate/up_proj, down_proj, k/v_proj.
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
 ROWS = (1, 4, 16, 64)
+# The splits of K --sweep-splits tries (besides the plan's), where K has that many chunks.
+SWEEP_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
 # How each measurement ran: "graph" while every capture succeeded, else "eager".
@@ -126,12 +134,22 @@ def _us(ms: float | None) -> str:
     return "–" if ms is None else f"{ms * 1e3:.1f}"
 
 
-def mma_grid(m: int, n: int, k: int, args: argparse.Namespace) -> str:
+def planned_splits(m: int, n: int, k: int, args: argparse.Namespace, asked: int = 0) -> int:
+    """The splits of K the tensor-core kernel runs: the plan's (asked = 0), or what it makes
+    of `asked` (at most one per chunk of K, none empty)."""
+    plan = torch.ops.compress_cuda.mma_plan(
+        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16", asked
+    )
+    return plan[3]
+
+
+def mma_grid(m: int, n: int, k: int, args: argparse.Namespace, splits: int = 0) -> str:
     """The tensor-core kernel's grid for these shapes on this device (compress_cuda::mma_plan):
     blocks of 128 rows n × splits of K, their share of one wave (the blocks an SM holds at
-    once cap it) and who adds the splits: the last block, or a second kernel."""
+    once: the plan caps its grid there) and who adds the splits: the last block, or a second
+    kernel. `splits` as the op's override (0: the plan's)."""
     _, _, blocks_n, splits, per_sm, in_kernel = torch.ops.compress_cuda.mma_plan(
-        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16"
+        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16", splits
     )
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     wave = blocks_n * splits / (per_sm * sm_count)
@@ -154,31 +172,26 @@ def make_weight(k: int, n: int, spec: QuantSpec, dtype: torch.dtype):
     return PackedWeight.from_quantized(q, qparams.scale, qparams.zero, spec.bits, spec.symmetric)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--asymmetric", action="store_true")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.stderr.write("benchmarks/kernel.py needs a CUDA GPU; none is visible\n")
-        return 2
-    if not cuda_ops.load():
-        sys.stderr.write("the cuda_ext kernels could not be built or loaded (see the log)\n")
-        return 1
-    dtype = getattr(torch, args.dtype)
-    spec = QuantSpec(args.bits, args.group_size, not args.asymmetric)
+def operand_copies(packed: PackedWeight, args: argparse.Namespace, k: int) -> tuple[list, int]:
+    """The op's weight arguments, copied to fill three times the L2 cache, and the bytes of
+    one copy."""
+    zero = packed.weight_zero_point
+    tensors = [t for t in (packed.weight_packed, packed.weight_scale, zero) if t is not None]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    op_args = [
+        (packed.weight_packed.clone(), packed.weight_scale.clone(),
+         None if zero is None else zero.clone(), args.bits, args.group_size, k)
+        for _ in range(copies_for(weight_bytes))
+    ]  # fmt: skip
+    return op_args, weight_bytes
+
+
+def kernel_table(
+    spec: QuantSpec, dtype: torch.dtype, mma_capable: bool, args: argparse.Namespace
+) -> list[str]:
+    """The measured copy bandwidth and the table: each path's µs per shape and M."""
     peak = copy_bandwidth_gbs(args)
-    mma_capable = torch.cuda.get_device_capability() >= (8, 0)
     lines = [
-        f"## dequant_matmul: INT{args.bits} g{args.group_size} "
-        f"{'asym' if args.asymmetric else 'sym'}, {args.dtype}, "
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
-        "",
         f"Measured copy bandwidth: {peak:.0f} GB/s.",
         "",
         "| K×N | M | path | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) "
@@ -188,17 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for k, n in SHAPES:
         packed = make_weight(k, n, spec, dtype)
-        zero = packed.weight_zero_point
         dense = dequantize_packed(
-            packed.weight_packed, packed.weight_scale, zero, args.bits, args.group_size, k, dtype
-        )
-        tensors = [t for t in (packed.weight_packed, packed.weight_scale, zero) if t is not None]
-        weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        op_args = [
-            (packed.weight_packed.clone(), packed.weight_scale.clone(),
-             None if zero is None else zero.clone(), args.bits, args.group_size, k)
-            for _ in range(copies_for(weight_bytes))
-        ]  # fmt: skip
+            packed.weight_packed, packed.weight_scale, packed.weight_zero_point, args.bits,
+            args.group_size, k, dtype,
+        )  # fmt: skip
+        op_args, weight_bytes = operand_copies(packed, args, k)
         denses = [dense.clone() for _ in range(copies_for(dense.numel() * dense.element_size()))]
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -213,9 +220,85 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {mma_grid(m, n, k, args) if t['mma'] is not None else '–'} |"
             )
         del op_args, denses
+    return lines
+
+
+def time_mma(x: torch.Tensor, op_args: list[tuple], splits: int, args: argparse.Namespace) -> float:
+    """Milliseconds per tensor-core kernel call at this split of K (0: the plan's)."""
+    calls = [lambda a=a: torch.ops.compress_cuda.mma_gemm(x, *a, splits) for a in op_args]
+    return time_ms(calls, args.warmup, args.iters, args.repeats)
+
+
+def sweep_splits(
+    spec: QuantSpec, dtype: torch.dtype, mma_capable: bool, args: argparse.Namespace
+) -> list[str]:
+    """Table rows: the tensor-core kernel's µs at each split of K against the plan's."""
+    lines = [
+        "| K×N | M | plan's grid | plan (µs) | fastest grid | fastest (µs) | plan ÷ fastest "
+        "| µs by splits of K |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, n in SHAPES:
+        op_args, _ = operand_copies(make_weight(k, n, spec, dtype), args, k)
+        if cuda_path(CUDA_MMA_MAX_ROWS, *op_args[0][3:], mma_capable=mma_capable) != "mma":
+            lines.append(f"| {k}×{n} | – | the tensor-core kernel does not take this shape |")
+            continue
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            plan = planned_splits(m, n, k, args)
+            # What the kernel makes of each count asked for: equal counts run once.
+            tried = {planned_splits(m, n, k, args, asked) for asked in SWEEP_SPLITS} | {plan}
+            us = {splits: 1e3 * time_mma(x, op_args, splits, args) for splits in sorted(tried)}
+            fastest = min(us, key=us.get)
+            by_splits = " · ".join(f"{s}: {t:.1f}" for s, t in us.items())
+            lines.append(
+                f"| {k}×{n} | {m} | {mma_grid(m, n, k, args)} | {us[plan]:.1f} "
+                f"| {mma_grid(m, n, k, args, fastest)} | {us[fastest]:.1f} "
+                f"| {us[plan] / us[fastest]:.2f} | {by_splits} |"
+            )
+        del op_args
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asymmetric", action="store_true")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--sweep-splits", action="store_true",
+        help="time the tensor-core kernel at each split of K against its launch plan's",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.stderr.write("benchmarks/kernel.py needs a CUDA GPU; none is visible\n")
+        return 2
+    if not cuda_ops.load():
+        sys.stderr.write("the cuda_ext kernels could not be built or loaded (see the log)\n")
+        return 1
+    dtype = getattr(torch, args.dtype)
+    spec = QuantSpec(args.bits, args.group_size, not args.asymmetric)
+    mma_capable = torch.cuda.get_device_capability() >= (8, 0)
+    title = (
+        f"## {'mma_gemm splits of K' if args.sweep_splits else 'dequant_matmul'}: "
+        f"INT{args.bits} g{args.group_size} {'asym' if args.asymmetric else 'sym'}, "
+        f"{args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    )
+    if args.sweep_splits:
+        lines = sweep_splits(spec, dtype, mma_capable, args)
+    else:
+        lines = kernel_table(spec, dtype, mma_capable, args)
     timing = " and ".join(sorted(TIMING_MODES))
-    lines.insert(3, f"Timing: {timing} ({args.iters} calls per round, median of {args.repeats}).")
-    lines.insert(4, "")
+    lines[:0] = [
+        title,
+        "",
+        f"Timing: {timing} ({args.iters} calls per round, median of {args.repeats}).",
+        "",
+    ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -981,18 +981,11 @@ constexpr int kMaxSumsInKernel = 64;
 // mma_kernel's dynamic shared memory: add_splits_if_last's verdict.
 constexpr unsigned kMmaSharedBytes = sizeof(int);
 
-// blocks_per_sm: how many blocks of the chosen kernel one SM holds at once (its registers
-// decide; the CUDA occupancy query), or 0 where unknown, which leaves the grid uncapped.
-inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int bits,
-                        int sm_count, int blocks_per_sm) {
-  MmaPlan plan{};
-  plan.kernel = kernel;
-  plan.blocks_per_sm = blocks_per_sm;
-  plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
-  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
-  const int chunks = (K / slice_k + 3) / 4;
-  int wanted = (2 * sm_count + plan.blocks_n - 1) / plan.blocks_n;
-  const int64_t one_wave = static_cast<int64_t>(blocks_per_sm) * sm_count / plan.blocks_n;
+// How many splits of K plan_mma gives blocks_n blocks of 128 rows, for `chunks` chunks of K.
+inline int planned_splits(int blocks_n, int chunks, int M, int K, int bits, int sm_count,
+                          int blocks_per_sm) {
+  int wanted = (2 * sm_count + blocks_n - 1) / blocks_n;
+  const int64_t one_wave = static_cast<int64_t>(blocks_per_sm) * sm_count / blocks_n;
   if (one_wave >= 1 && wanted > one_wave) wanted = static_cast<int>(one_wave);
   const int64_t by_traffic = static_cast<int64_t>(K) * bits / (64 * static_cast<int64_t>(M));
   int most = chunks;
@@ -1001,9 +994,27 @@ inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int 
   // blocks the traffic bound gives way: the extra partial sums are read back at once (mostly
   // from L2), and fewer splits would read longer shares of K in series (4096×1024 at M = 64
   // went from 8 × 4 blocks to 8 × 16).
-  const int one_per_sm = sm_count / plan.blocks_n;
+  const int one_per_sm = sm_count / blocks_n;
   if (most < one_per_sm) most = one_per_sm < chunks ? one_per_sm : chunks;
-  const int splits = wanted < 1 ? 1 : wanted > most ? most : wanted;
+  return wanted < 1 ? 1 : wanted > most ? most : wanted;
+}
+
+// blocks_per_sm: how many blocks of the chosen kernel one SM holds at once (its registers
+// decide; the CUDA occupancy query), or 0 where unknown, which leaves the grid uncapped.
+// forced_splits > 0 replaces the choice of splits below (benchmarks/kernel.py --sweep-splits
+// times the alternatives to the choice on a GPU): at most one per chunk, and rounded down
+// to a count that leaves no split empty.
+inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int bits,
+                        int sm_count, int blocks_per_sm, int forced_splits = 0) {
+  MmaPlan plan{};
+  plan.kernel = kernel;
+  plan.blocks_per_sm = blocks_per_sm;
+  plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
+  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const int chunks = (K / slice_k + 3) / 4;
+  const int splits = forced_splits > 0 ? (forced_splits < chunks ? forced_splits : chunks)
+                                       : planned_splits(plan.blocks_n, chunks, M, K, bits,
+                                                        sm_count, blocks_per_sm);
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
   plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(plan.splits) * M * N : 0;

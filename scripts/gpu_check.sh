@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 4's GPU checks in one call: build cuda_ext, run the CUDA and emulated kernel tests and
 # the decode benchmark's tests (its CUDA-graph step), count the kernels' machine code, then the
-# kernel benchmark (Llama-3-8B shapes), the host cost per quantized layer call, and the decode
-# benchmark (a random ~1B Llama).
+# kernel benchmark (Llama-3-8B shapes), the tensor-core kernel at every split of K against its
+# launch plan's (splits.md), the host cost per quantized layer call, and the decode benchmark
+# (a random ~1B Llama).
 # Logs and tables go to $OUT (the device tool's result folder) or runs/gpu-check.
 #
 # On a CUDA machine with torch, nvcc and pytest (the device tool's H200 image has all three):
@@ -56,6 +57,10 @@ for scheme in "--bits 4 --group-size 128" "--bits 4 --group-size 128 --asymmetri
     "--bits 8 --group-size -1"; do
     # shellcheck disable=SC2086  # the scheme is a list of arguments
     python3 benchmarks/kernel.py $scheme 2>&1 | tee -a "$OUT/kernel.md" || status=1
+done
+for scheme in "--bits 4 --group-size 128" "--bits 8 --group-size -1"; do
+    # shellcheck disable=SC2086
+    python3 benchmarks/kernel.py $scheme --sweep-splits 2>&1 | tee -a "$OUT/splits.md" || status=1
 done
 python3 benchmarks/dispatch.py 2>&1 | tee "$OUT/dispatch.md" || status=1
 python3 benchmarks/decode.py --preset llama-1b 2>&1 | tee "$OUT/decode.md" || status=1

@@ -165,6 +165,27 @@ def test_tensor_core_grid_fits_one_wave(dtype):
         assert splits >= 1 and blocks_n * splits <= per_sm * sm_count, (k, n, m, splits)
 
 
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_forced_splits_match_the_reference(m):
+    """benchmarks/kernel.py --sweep-splits times mma_gemm at splits the plan did not pick: each
+    computes the product, mma_plan reports the split that runs (at most one per chunk of K),
+    and splits outside [0, 65535] are refused."""
+    n, k, spec = 1024, 4096, QuantSpec(4, 128, False)
+    packed, reference = packed_case(n, k, spec, torch.float16, seed=12)
+    args = (*_on_gpu(packed), 4, 128, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    expected = x.float().cpu() @ reference.t()
+    chunks = k // 128
+    for asked in (1, 3, 8, chunks, 2 * chunks):
+        ran = torch.ops.compress_cuda.mma_plan(m, n, k, 128, 4, False, asked)[3]
+        assert ran == min(asked, chunks), (asked, ran)  # every count here leaves none empty
+        out = torch.ops.compress_cuda.mma_gemm(x, *args, asked)
+        error = (out.float().cpu() - expected).norm() / expected.norm()
+        assert error < REL_TOL[torch.float16], (m, asked, float(error))
+    with pytest.raises(RuntimeError, match=r"splits must be 0"):
+        torch.ops.compress_cuda.mma_gemm(x, *args, -1)
+
+
 def test_op_takes_another_scale_tensor_of_the_same_version():
     """Another scale tensor with the same version counter gets its own cast scales."""
     n, k, spec = 128, 256, QuantSpec(4, 64, False)

@@ -225,6 +225,38 @@ def test_mma_plan_launches_one_wave_at_most(emulator):
     assert emulator.plan_mma(64, 14336, 4096, 128, 4, 132, 2)["splits"] == 2
 
 
+# (splits asked for, splits run) on K = 1952 (61 slices of 32 k: 16 chunks, the last of one
+# slice): above 16 it takes one per chunk; 6 splits take 3 chunks each (the last 1), and 7 of
+# 3 chunks would leave the seventh empty, so 7 runs as 6.
+FORCED_SPLITS = [(1, 1), (2, 2), (6, 6), (7, 6), (16, 16), (40, 16)]
+
+
+def test_forced_splits_compute_the_product_and_override_only_the_split(emulator):
+    """The benchmark's splits override (the op's `splits`) runs the split asked for, at most
+    one per chunk and none empty, whatever the plan would pick, and every such grid computes
+    the product, with the splits added by the last block and by the second kernel."""
+    n, k, spec, m = 136, 1952, QuantSpec(4, 32, False), 3
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.float16, seed=13)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(13)).half()
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+    expected = x.float() @ reference.t()
+    planned = emulator.plan_mma(m, n, k, spec.group_size, spec.bits, 132, 4)
+    for asked, runs in FORCED_SPLITS:
+        forced = emulator.plan_mma(m, n, k, spec.group_size, spec.bits, 132, 4, splits=asked)
+        assert forced["splits"] == runs, (asked, forced)
+        # Only the split changes: the kernel and its scales are the plan's.
+        assert {f: forced[f] for f in ("m_rows", "scales", "blocks_n")} == {
+            f: planned[f] for f in ("m_rows", "scales", "blocks_n")
+        }
+        for separate_sum in (False, True):
+            out = torch.full((m, n), float("nan"), dtype=torch.float16)
+            emulator.mma_gemm(x, *args, out=out, splits=asked, separate_sum=separate_sum)
+            assert emulator.last_splits == runs
+            assert emulator.last_summed_in_kernel == (runs > 1 and not separate_sum)
+            error = float((out.float() - expected).norm() / expected.norm())
+            assert error < REL_TOL[torch.float16], (asked, separate_sum, error)
+
+
 def test_mma_gemm_with_a_one_wave_plan_matches_the_reference(emulator):
     """A plan the cap lowered (four splits wanted, two fit) computes the same product."""
     n, k, spec = 136, 2048, QuantSpec(4, 128, True)

@@ -108,35 +108,39 @@ class EmulatedKernels:
 
     def mma_gemm(
         self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None,
-        sm_count=132, blocks_per_sm=0, separate_sum=False,
+        sm_count=132, blocks_per_sm=0, separate_sum=False, splits=0,
     ):  # fmt: skip
         """The tensor-core path; `sm_count` stands in for the device's (an H100 has 132): a
         small one makes the plan split K across blocks. `blocks_per_sm` stands in for the
-        kernel's occupancy (0: unknown, the grid is not capped at one wave). `separate_sum`
+        kernel's occupancy (0: unknown, the grid is not capped at one wave). `splits` > 0
+        overrides the plan's splits of K, as the CUDA op's argument does. `separate_sum`
         withholds the tile counters, so a second kernel adds the splits. Sets `last_splits`,
         `last_scales` (the plan's ScaleMode: "weights", "chunk" or "end") and
         `last_summed_in_kernel`."""
         x, out, m, n = self._rows_and_output(x, weight_packed, in_features, out)
         group_len = in_features if group_size == -1 else group_size
-        splits, scales, in_kernel = ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(0)
+        ran_splits, scales, in_kernel = ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(0)
         problem = self._lib.emulated_mma_gemm(
             DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
             self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len, sm_count,
-            blocks_per_sm, int(separate_sum),
-            ctypes.byref(splits), ctypes.byref(scales), ctypes.byref(in_kernel),
+            blocks_per_sm, splits, int(separate_sum),
+            ctypes.byref(ran_splits), ctypes.byref(scales), ctypes.byref(in_kernel),
         )  # fmt: skip
         self._check(problem)
-        self.last_splits = splits.value
+        self.last_splits = ran_splits.value
         self.last_scales = SCALE_MODES[scales.value]
         self.last_summed_in_kernel = bool(in_kernel.value)
         return out
 
     def plan_mma(
-        self, m, n, k, group_len, bits, sm_count, blocks_per_sm
+        self, m, n, k, group_len, bits, sm_count, blocks_per_sm, splits=0
     ) -> dict[str, int | str | bool]:
-        """The tensor-core launch plan alone (compress_kernels::plan_mma), without running it."""
+        """The tensor-core launch plan alone (compress_kernels::plan_mma), without running it;
+        `splits` > 0 overrides its splits of K."""
         fields = (ctypes.c_int * len(PLAN_FIELDS))()
-        self._lib.emulated_plan_mma(m, n, k, group_len, bits, sm_count, blocks_per_sm, fields)
+        self._lib.emulated_plan_mma(
+            m, n, k, group_len, bits, sm_count, blocks_per_sm, splits, fields
+        )
         plan: dict[str, int | str | bool] = dict(zip(PLAN_FIELDS, fields, strict=True))
         plan["scales"] = SCALE_MODES[int(plan["scales"])]
         plan["sum_in_kernel"] = bool(plan["sum_in_kernel"])
