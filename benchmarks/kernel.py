@@ -10,10 +10,12 @@ limits in compress/kernels.py can be set from one run, and the tensor-core kerne
 shown (blocks of 128 rows × splits of K, and how much of one wave of the SMs they fill).
 
 `--sweep-splits` times the tensor-core kernel instead at every split of K in 1, 2, 4, … 64
-(as many as K has chunks for; the op's `splits` argument overrides the launch plan) beside
-the plan's own choice, and prints which was fastest per shape and M: one GPU run shows where
-compress_kernels::plan_mma's split-K heuristic (a model: two blocks per SM, at most one wave,
-partial sums under the weight's bytes) leaves time behind.
+(as many as K has chunks for) beside the plan's own choice, each split with its partial sums
+added by the last block and by a second kernel (the op's `splits` and `sum_in_kernel`
+arguments override the launch plan), and prints which was fastest per shape and M: one GPU
+run shows where compress_kernels::plan_mma's heuristics (models: two blocks per SM, at most
+one wave, partial sums under the weight's bytes; the last block adds at most 64 sums per
+thread) leave time behind.
 
 Timing: the `--iters` calls of a round are captured in one CUDA graph and replayed between
 CUDA events (eager calls where capture fails; the table says which), after `--warmup` calls;
@@ -134,23 +136,24 @@ def _us(ms: float | None) -> str:
     return "–" if ms is None else f"{ms * 1e3:.1f}"
 
 
-def planned_splits(m: int, n: int, k: int, args: argparse.Namespace, asked: int = 0) -> int:
-    """The splits of K the tensor-core kernel runs: the plan's (asked = 0), or what it makes
-    of `asked` (at most one per chunk of K, none empty)."""
-    plan = torch.ops.compress_cuda.mma_plan(
-        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16", asked
+def mma_plan(
+    m: int, n: int, k: int, args: argparse.Namespace, splits: int = 0, in_kernel: bool | None = None
+) -> list[int]:
+    """compress_cuda::mma_plan for these shapes, with the op's overrides (the defaults: the
+    plan's own choices): [m_rows, ScaleMode, blocks_n, splits, blocks_per_sm, sum_in_kernel]."""
+    return torch.ops.compress_cuda.mma_plan(
+        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16", splits, in_kernel
     )
-    return plan[3]
 
 
-def mma_grid(m: int, n: int, k: int, args: argparse.Namespace, splits: int = 0) -> str:
+def mma_grid(
+    m: int, n: int, k: int, args: argparse.Namespace, splits: int = 0, in_kernel: bool | None = None
+) -> str:
     """The tensor-core kernel's grid for these shapes on this device (compress_cuda::mma_plan):
     blocks of 128 rows n × splits of K, their share of one wave (the blocks an SM holds at
     once: the plan caps its grid there) and who adds the splits: the last block, or a second
-    kernel. `splits` as the op's override (0: the plan's)."""
-    _, _, blocks_n, splits, per_sm, in_kernel = torch.ops.compress_cuda.mma_plan(
-        m, n, k, args.group_size, args.bits, args.dtype == "bfloat16", splits
-    )
+    kernel. `splits` and `in_kernel` as the op's overrides (the defaults: the plan's)."""
+    _, _, blocks_n, splits, per_sm, in_kernel = mma_plan(m, n, k, args, splits, in_kernel)
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     wave = blocks_n * splits / (per_sm * sm_count)
     summed = "" if splits == 1 else ", sums in kernel" if in_kernel else ", sums: 2nd kernel"
@@ -223,19 +226,28 @@ def kernel_table(
     return lines
 
 
-def time_mma(x: torch.Tensor, op_args: list[tuple], splits: int, args: argparse.Namespace) -> float:
-    """Milliseconds per tensor-core kernel call at this split of K (0: the plan's)."""
-    calls = [lambda a=a: torch.ops.compress_cuda.mma_gemm(x, *a, splits) for a in op_args]
+def time_mma(
+    x: torch.Tensor,
+    op_args: list[tuple],
+    splits: int,
+    in_kernel: bool | None,
+    args: argparse.Namespace,
+) -> float:
+    """Milliseconds per tensor-core kernel call at this split of K, the splits added by the
+    last block (in_kernel True) or by a second kernel (False)."""
+    mma_gemm = torch.ops.compress_cuda.mma_gemm
+    calls = [lambda a=a: mma_gemm(x, *a, splits, in_kernel) for a in op_args]
     return time_ms(calls, args.warmup, args.iters, args.repeats)
 
 
 def sweep_splits(
     spec: QuantSpec, dtype: torch.dtype, mma_capable: bool, args: argparse.Namespace
 ) -> list[str]:
-    """Table rows: the tensor-core kernel's µs at each split of K against the plan's."""
+    """Table rows: the tensor-core kernel's µs at each split of K (summed by the last block
+    and by a second kernel) against the plan's choice."""
     lines = [
         "| K×N | M | plan's grid | plan (µs) | fastest grid | fastest (µs) | plan ÷ fastest "
-        "| µs by splits of K |",
+        "| µs by splits of K (last block / 2nd kernel) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for k, n in SHAPES:
@@ -245,16 +257,25 @@ def sweep_splits(
             continue
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            plan = planned_splits(m, n, k, args)
+            plan = mma_plan(m, n, k, args)
             # What the kernel makes of each count asked for: equal counts run once.
-            tried = {planned_splits(m, n, k, args, asked) for asked in SWEEP_SPLITS} | {plan}
-            us = {splits: 1e3 * time_mma(x, op_args, splits, args) for splits in sorted(tried)}
+            tried = {mma_plan(m, n, k, args, asked)[3] for asked in SWEEP_SPLITS} | {plan[3]}
+            us = {
+                (splits, in_kernel): 1e3 * time_mma(x, op_args, splits, in_kernel, args)
+                for splits in sorted(tried)
+                for in_kernel in ((None,) if splits == 1 else (True, False))
+            }
+            planned = (plan[3], None if plan[3] == 1 else bool(plan[5]))
             fastest = min(us, key=us.get)
-            by_splits = " · ".join(f"{s}: {t:.1f}" for s, t in us.items())
+            by_splits = " · ".join(
+                f"{s}: {t:.1f}" if s == 1 else f"{s}: {t:.1f} / {us[s, False]:.1f}"
+                for (s, in_kernel), t in us.items()
+                if in_kernel is not False
+            )
             lines.append(
-                f"| {k}×{n} | {m} | {mma_grid(m, n, k, args)} | {us[plan]:.1f} "
-                f"| {mma_grid(m, n, k, args, fastest)} | {us[fastest]:.1f} "
-                f"| {us[plan] / us[fastest]:.2f} | {by_splits} |"
+                f"| {k}×{n} | {m} | {mma_grid(m, n, k, args)} | {us[planned]:.1f} "
+                f"| {mma_grid(m, n, k, args, *fastest)} | {us[fastest]:.1f} "
+                f"| {us[planned] / us[fastest]:.2f} | {by_splits} |"
             )
         del op_args
     return lines

@@ -6,20 +6,22 @@
 // `compress::dequant_matmul` (compress/kernels.py), which picks one by the number of rows M:
 //
 //   mma_gemm(x (..., K), weight_packed (N, K·bits/32) int32, scale (N, G), zero_point?, ...,
-//            splits = 0)
+//            splits = 0, sum_in_kernel = None)
 //       → (..., N), for M ≤ 64 rows (x's leading dimensions flattened) on tensor cores
 //       (sm_80+), decode shapes included. Weight-read bound: every packed word is read once,
 //       straight from the artifact's layout, and used for all M rows. K and the group size
 //       must be multiples of 32 (INT4) or 16 (INT8). splits > 0 overrides the launch plan's
-//       split of K (for benchmarks/kernel.py --sweep-splits); 0 keeps the plan's.
+//       split of K, and sum_in_kernel its choice of who adds the splits (True: the last
+//       block, False: a second kernel), for benchmarks/kernel.py --sweep-splits; the
+//       defaults keep the plan's.
 //   gemv(x (..., K), ...) → (..., N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
 //       (before sm_80, other K or group sizes, unaligned rows). Same single read.
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
 //
-// A fourth, mma_plan(rows, out_features, in_features, group_size, bits, bfloat16, splits = 0)
-// → int[], says what mma_gemm would launch on the current device (benchmarks/kernel.py shows
-// it).
+// A fourth, mma_plan(rows, out_features, in_features, group_size, bits, bfloat16, splits = 0,
+// sum_in_kernel = None) → int[], says what mma_gemm would launch on the current device
+// (benchmarks/kernel.py shows it).
 //
 // Only what the kernels need is included (the CUDA 13 toolkit here has no cuBLAS headers).
 
@@ -170,11 +172,16 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& weight_packed, const a
   return out;
 }
 
-// mma_gemm's splits override: 0 (the plan's) or a count of K's splits that fits the grid's
-// y dimension (plan_mma takes at most one per chunk of K).
-void check_forced_splits(const char* op, int64_t splits) {
+// mma_gemm's overrides of its launch plan. splits: 0 (the plan's) or a count of K's splits
+// that fits the grid's y dimension (plan_mma takes at most one per chunk of K).
+compress_kernels::MmaOverrides plan_overrides(const char* op, int64_t splits,
+                                              std::optional<bool> sum_in_kernel) {
   TORCH_CHECK(splits >= 0 && splits <= 65535, "compress_cuda.", op,
               ": splits must be 0 (the launch plan's) or in [1, 65535], got ", splits);
+  compress_kernels::MmaOverrides overrides;
+  overrides.splits = static_cast<int>(splits);
+  if (sum_in_kernel.has_value()) overrides.sum_in_kernel = *sum_in_kernel ? 1 : 0;
+  return overrides;
 }
 
 // A device attribute through the runtime API (ATen's CUDAContext.h needs cuSPARSE headers).
@@ -239,7 +246,7 @@ int resident_blocks(const void* kernel, int device) {
 // occupancy there, which caps the grid at one wave.
 template <typename T, int BITS>
 compress_kernels::MmaPlan plan_on_device(int M, int N, int K, int group_len, int device,
-                                         int forced_splits) {
+                                         const compress_kernels::MmaOverrides& overrides) {
   const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, BITS);
   int blocks_per_sm = 0;
   compress_kernels::with_mma_kernel<T, BITS>(choice, [&](auto kernel) {
@@ -247,16 +254,17 @@ compress_kernels::MmaPlan plan_on_device(int M, int N, int K, int group_len, int
   });
   return compress_kernels::plan_mma(choice, M, N, K, BITS,
                                     device_attribute(cudaDevAttrMultiProcessorCount, device),
-                                    blocks_per_sm, forced_splits);
+                                    blocks_per_sm, overrides);
 }
 
 // mma_gemm's launch for x's (M, K) rows: the plan, the split-K workspace and counters.
 template <typename T, int BITS>
 void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Tensor& scale,
-                     const at::Tensor& out, int device, int forced_splits, cudaStream_t stream) {
+                     const at::Tensor& out, int device,
+                     const compress_kernels::MmaOverrides& overrides, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0));
   const compress_kernels::MmaPlan plan =
-      plan_on_device<T, BITS>(M, w.N, w.K, w.group_len, device, forced_splits);
+      plan_on_device<T, BITS>(M, w.N, w.K, w.group_len, device, overrides);
   at::Tensor workspace;
   if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
   const compress_kernels::MmaOperands<T> operands{
@@ -267,13 +275,14 @@ void launch_mma_gemm(const at::Tensor& x, const PackedOperands& w, const at::Ten
   compress_kernels::mma_gemm<T, BITS>(operands, plan, stream);
 }
 
-// What mma_gemm would launch for these shapes (and its splits override) on the current device,
+// What mma_gemm would launch for these shapes (and its overrides) on the current device,
 // for benchmarks/kernel.py's tables: [m_rows, ScaleMode, blocks_n, splits, blocks_per_sm,
 // sum_in_kernel].
 std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_features,
-                              int64_t group_size, int64_t bits, bool bfloat16, int64_t splits) {
+                              int64_t group_size, int64_t bits, bool bfloat16, int64_t splits,
+                              std::optional<bool> sum_in_kernel) {
   TORCH_CHECK(bits == 4 || bits == 8, "compress_cuda.mma_plan: bits must be 4 or 8, got ", bits);
-  check_forced_splits("mma_plan", splits);
+  const auto overrides = plan_overrides("mma_plan", splits, sum_in_kernel);
   TORCH_CHECK(rows >= 1 && rows <= kMmaMaxRows && out_features >= 1 && in_features >= 1,
               "compress_cuda.mma_plan: rows must be in [1, ", kMmaMaxRows,
               "] and the features positive, got ", rows, ", ", out_features, ", ", in_features);
@@ -284,9 +293,8 @@ std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_fea
     using T = decltype(tag);
     const int M = static_cast<int>(rows), N = static_cast<int>(out_features);
     const int K = static_cast<int>(in_features);
-    const int forced = static_cast<int>(splits);
-    plan = bits == 4 ? plan_on_device<T, 4>(M, N, K, group_len, device, forced)
-                     : plan_on_device<T, 8>(M, N, K, group_len, device, forced);
+    plan = bits == 4 ? plan_on_device<T, 4>(M, N, K, group_len, device, overrides)
+                     : plan_on_device<T, 8>(M, N, K, group_len, device, overrides);
   });
   return {plan.kernel.m_rows, static_cast<int64_t>(plan.kernel.scales), plan.blocks_n, plan.splits,
           plan.blocks_per_sm, plan.sum_in_kernel};
@@ -294,10 +302,11 @@ std::vector<int64_t> mma_plan(int64_t rows, int64_t out_features, int64_t in_fea
 
 at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
                     const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                    int64_t bits, int64_t group_size, int64_t in_features, int64_t splits) {
+                    int64_t bits, int64_t group_size, int64_t in_features, int64_t splits,
+                    std::optional<bool> sum_in_kernel) {
   check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
   check_activations("mma_gemm", x_in, weight_packed, scale, in_features, kMmaMaxRows);
-  check_forced_splits("mma_gemm", splits);
+  const auto overrides = plan_overrides("mma_gemm", splits, sum_in_kernel);
   const int64_t slice = bits == 4 ? compress_kernels::mma_slice_k<4>()
                                   : compress_kernels::mma_slice_k<8>();
   const int64_t group_len = group_size == -1 ? in_features : group_size;
@@ -318,9 +327,8 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_cuda_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const int forced = static_cast<int>(splits);
-    if (bits == 4) launch_mma_gemm<T, 4>(x, w, scale, out, device, forced, stream);
-    else launch_mma_gemm<T, 8>(x, w, scale, out, device, forced, stream);
+    if (bits == 4) launch_mma_gemm<T, 4>(x, w, scale, out, device, overrides, stream);
+    else launch_mma_gemm<T, 8>(x, w, scale, out, device, overrides, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -353,13 +361,13 @@ TORCH_LIBRARY(compress_cuda, m) {
       "int group_size, int in_features) -> Tensor");
   m.def(
       "mma_gemm(Tensor x, Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
-      "int group_size, int in_features, int splits=0) -> Tensor");
+      "int group_size, int in_features, int splits=0, bool? sum_in_kernel=None) -> Tensor");
   m.def(
       "dequantize(Tensor weight_packed, Tensor scale, Tensor? zero_point, int bits, "
       "int group_size, int in_features) -> Tensor");
   m.def(
       "mma_plan(int rows, int out_features, int in_features, int group_size, int bits, "
-      "bool bfloat16, int splits=0) -> int[]",
+      "bool bfloat16, int splits=0, bool? sum_in_kernel=None) -> int[]",
       &mma_plan);
 }
 

@@ -504,11 +504,12 @@ __device__ __noinline__ void add_splits_if_last(const float* partials, T* out, i
   __syncthreads();
   const int n = blockIdx.x * kMmaRowsPerBlock + static_cast<int>(threadIdx.x);
   if (*last == 0 || n >= N) return;
-  // The M · splits partial sums of this thread's row n (at most kMaxSumsInKernel), (m, split)
-  // in order, kSumLoads at a time: every load of a batch is issued before the first add waits
-  // on one, so the thread waits on L2 ⌈M · splits / kSumLoads⌉ times, where an outer loop over
-  // m with the few splits inside waited once per row m. Each row's sum still runs 0 + split 0
-  // + split 1 + …, the same bits as sum_splits_kernel.
+  // The M · splits partial sums of this thread's row n (any count; the plan keeps it within
+  // kMaxSumsInKernel), (m, split) in order, kSumLoads at a time: every load of a batch is
+  // issued before the first add waits on one, so the thread waits on L2 ⌈M · splits /
+  // kSumLoads⌉ times, where an outer loop over m with the few splits inside waited once per
+  // row m. Each row's sum still runs 0 + split 0 + split 1 + …, the same bits as
+  // sum_splits_kernel.
   constexpr int kSumLoads = 16;
   const int splits = static_cast<int>(gridDim.y);
   const int pairs = M * splits;
@@ -976,7 +977,7 @@ constexpr int kMaxTileCounters = 4096;
 // past 4 such batches a second kernel, one thread per output, is cheaper (about 1–2 µs in a
 // CUDA graph, most of it the launch). M = 1 stays under it up to 64 splits; on Llama-3-8B's
 // shapes M = 64 always goes over (benchmarks/kernel_sass.py's grids). A modelled limit, not
-// yet measured.
+// yet measured: benchmarks/kernel.py --sweep-splits times both sums at every split.
 constexpr int kMaxSumsInKernel = 64;
 // mma_kernel's dynamic shared memory: add_splits_if_last's verdict.
 constexpr unsigned kMmaSharedBytes = sizeof(int);
@@ -999,27 +1000,39 @@ inline int planned_splits(int blocks_n, int chunks, int M, int K, int bits, int 
   return wanted < 1 ? 1 : wanted > most ? most : wanted;
 }
 
+// What a caller may impose on plan_mma in place of its own choices, so that
+// benchmarks/kernel.py --sweep-splits can time the alternatives on a GPU. The defaults
+// impose nothing.
+struct MmaOverrides {
+  // > 0: this many splits of K, at most one per chunk, rounded down to a count that leaves
+  // no split empty.
+  int splits = 0;
+  // 1: the last block adds the splits, past kMaxSumsInKernel too; 0: the second kernel does;
+  // -1: the plan's rule.
+  int sum_in_kernel = -1;
+};
+
 // blocks_per_sm: how many blocks of the chosen kernel one SM holds at once (its registers
 // decide; the CUDA occupancy query), or 0 where unknown, which leaves the grid uncapped.
-// forced_splits > 0 replaces the choice of splits below (benchmarks/kernel.py --sweep-splits
-// times the alternatives to the choice on a GPU): at most one per chunk, and rounded down
-// to a count that leaves no split empty.
 inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int bits,
-                        int sm_count, int blocks_per_sm, int forced_splits = 0) {
+                        int sm_count, int blocks_per_sm, const MmaOverrides& overrides = {}) {
   MmaPlan plan{};
   plan.kernel = kernel;
   plan.blocks_per_sm = blocks_per_sm;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
   const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
   const int chunks = (K / slice_k + 3) / 4;
-  const int splits = forced_splits > 0 ? (forced_splits < chunks ? forced_splits : chunks)
-                                       : planned_splits(plan.blocks_n, chunks, M, K, bits,
-                                                        sm_count, blocks_per_sm);
+  const int splits = overrides.splits > 0
+                         ? (overrides.splits < chunks ? overrides.splits : chunks)
+                         : planned_splits(plan.blocks_n, chunks, M, K, bits, sm_count,
+                                          blocks_per_sm);
   plan.chunks_per_split = (chunks + splits - 1) / splits;
   plan.splits = (chunks + plan.chunks_per_split - 1) / plan.chunks_per_split;  // none empty
   plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(plan.splits) * M * N : 0;
-  plan.sum_in_kernel = plan.splits > 1 && plan.blocks_n <= kMaxTileCounters &&
-                       M * plan.splits <= kMaxSumsInKernel;
+  const bool summable = plan.splits > 1 && plan.blocks_n <= kMaxTileCounters;
+  plan.sum_in_kernel = summable && (overrides.sum_in_kernel >= 0
+                                        ? overrides.sum_in_kernel == 1
+                                        : M * plan.splits <= kMaxSumsInKernel);
   return plan;
 }
 

@@ -34,9 +34,9 @@ torch.ops.load_library(sys.argv[1])
 for op in ("gemv", "mma_gemm", "dequantize", "mma_plan"):
     schema = getattr(torch.ops.compress_cuda, op).default._schema
     print(f"registered: {schema}")
-    if op in ("mma_gemm", "mma_plan"):  # benchmarks/kernel.py --sweep-splits passes it last
-        last = schema.arguments[-1]
-        assert (last.name, last.default_value) == ("splits", 0), f"{op}: no splits=0 argument"
+    if op in ("mma_gemm", "mma_plan"):  # benchmarks/kernel.py --sweep-splits passes these
+        last = [(a.name, a.default_value) for a in schema.arguments[-2:]]
+        assert last == [("splits", 0), ("sum_in_kernel", None)], f"{op}: overrides are {last}"
 PY
 rm -f "$SO"
 # The kernels' machine code: main-loop instructions per weight, no spills, decode steps no

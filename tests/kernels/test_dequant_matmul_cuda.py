@@ -167,9 +167,10 @@ def test_tensor_core_grid_fits_one_wave(dtype):
 
 @pytest.mark.parametrize("m", [1, 7, 33])
 def test_forced_splits_match_the_reference(m):
-    """benchmarks/kernel.py --sweep-splits times mma_gemm at splits the plan did not pick: each
-    computes the product, mma_plan reports the split that runs (at most one per chunk of K),
-    and splits outside [0, 65535] are refused."""
+    """benchmarks/kernel.py --sweep-splits times mma_gemm at splits the plan did not pick, each
+    with the splits added by the last block and by a second kernel: each computes the
+    product, both sums give the same bits (split order), mma_plan reports the split that runs
+    (at most one per chunk of K), and splits outside [0, 65535] are refused."""
     n, k, spec = 1024, 4096, QuantSpec(4, 128, False)
     packed, reference = packed_case(n, k, spec, torch.float16, seed=12)
     args = (*_on_gpu(packed), 4, 128, k)
@@ -182,6 +183,10 @@ def test_forced_splits_match_the_reference(m):
         out = torch.ops.compress_cuda.mma_gemm(x, *args, asked)
         error = (out.float().cpu() - expected).norm() / expected.norm()
         assert error < REL_TOL[torch.float16], (m, asked, float(error))
+        if ran > 1:
+            in_kernel = torch.ops.compress_cuda.mma_gemm(x, *args, asked, True)
+            second = torch.ops.compress_cuda.mma_gemm(x, *args, asked, False)
+            assert torch.equal(in_kernel, second) and torch.equal(in_kernel, out), (m, asked)
     with pytest.raises(RuntimeError, match=r"splits must be 0"):
         torch.ops.compress_cuda.mma_gemm(x, *args, -1)
 

@@ -257,6 +257,40 @@ def test_forced_splits_compute_the_product_and_override_only_the_split(emulator)
             assert error < REL_TOL[torch.float16], (asked, separate_sum, error)
 
 
+def test_forced_sum_in_kernel_past_the_limit_matches_the_second_kernel(emulator):
+    """The sweep's other override (the op's `sum_in_kernel`): the last block adds the splits
+    past the plan's 64 sums per thread too (9 rows × 16 splits = 144 here), bit for bit what
+    the second kernel adds, in whichever order the blocks run; and False sends splits the
+    plan would sum in the kernel to the second kernel."""
+    n, k, spec, m = 136, 1952, QuantSpec(4, 32, True), 9
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.bfloat16, seed=14)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(14)).bfloat16()
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+
+    def run(**options) -> torch.Tensor:
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        return emulator.mma_gemm(x, *args, out=out, splits=16, **options)
+
+    assert not emulator.plan_mma(m, n, k, 32, 4, 132, 0, splits=16)["sum_in_kernel"]
+    assert emulator.plan_mma(m, n, k, 32, 4, 132, 0, splits=16, sum_in_kernel=True)["sum_in_kernel"]
+    separate = run()
+    assert emulator.last_splits == 16 and not emulator.last_summed_in_kernel
+    expected = x.float() @ reference.t()
+    assert float((separate.float() - expected).norm() / expected.norm()) < REL_TOL[torch.bfloat16]
+    try:
+        for seed in (0, 5):
+            emulator.set_block_order(seed)
+            summed = run(sum_in_kernel=True)
+            assert emulator.last_summed_in_kernel
+            assert torch.equal(summed, separate), f"block order {seed}"
+    finally:
+        emulator.set_block_order(0)
+    # Below the limit the plan sums in the kernel; False overrides that.
+    assert emulator.plan_mma(1, n, k, 32, 4, 132, 0, splits=16)["sum_in_kernel"]
+    forced_out = emulator.plan_mma(1, n, k, 32, 4, 132, 0, splits=16, sum_in_kernel=False)
+    assert not forced_out["sum_in_kernel"]
+
+
 def test_mma_gemm_with_a_one_wave_plan_matches_the_reference(emulator):
     """A plan the cap lowered (four splits wanted, two fit) computes the same product."""
     n, k, spec = 136, 2048, QuantSpec(4, 128, True)

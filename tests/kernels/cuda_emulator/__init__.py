@@ -65,6 +65,11 @@ def _build(include: Path) -> Path:
     return library
 
 
+def _forced_sum(sum_in_kernel: bool | None) -> int:
+    """compress_kernels::MmaOverrides::sum_in_kernel: -1 the plan's rule, 1 / 0 forced."""
+    return -1 if sum_in_kernel is None else int(sum_in_kernel)
+
+
 class EmulatedKernels:
     """The emulated `compress_cuda` ops on CPU tensors, with the CUDA ops' arguments and shapes
     (x (..., K) → (..., N))."""
@@ -108,12 +113,13 @@ class EmulatedKernels:
 
     def mma_gemm(
         self, x, weight_packed, scale, zero_point, bits, group_size, in_features, out=None,
-        sm_count=132, blocks_per_sm=0, separate_sum=False, splits=0,
+        sm_count=132, blocks_per_sm=0, separate_sum=False, splits=0, sum_in_kernel=None,
     ):  # fmt: skip
         """The tensor-core path; `sm_count` stands in for the device's (an H100 has 132): a
         small one makes the plan split K across blocks. `blocks_per_sm` stands in for the
-        kernel's occupancy (0: unknown, the grid is not capped at one wave). `splits` > 0
-        overrides the plan's splits of K, as the CUDA op's argument does. `separate_sum`
+        kernel's occupancy (0: unknown, the grid is not capped at one wave). `splits` > 0 and
+        `sum_in_kernel` (True / False) override the plan's choices, as the CUDA op's arguments
+        do. `separate_sum`
         withholds the tile counters, so a second kernel adds the splits. Sets `last_splits`,
         `last_scales` (the plan's ScaleMode: "weights", "chunk" or "end") and
         `last_summed_in_kernel`."""
@@ -123,7 +129,7 @@ class EmulatedKernels:
         problem = self._lib.emulated_mma_gemm(
             DTYPE_CODES[x.dtype], bits, self._ptr(x), self._ptr(weight_packed), self._ptr(scale),
             self._ptr(zero_point), self._ptr(out), m, n, in_features, group_len, sm_count,
-            blocks_per_sm, splits, int(separate_sum),
+            blocks_per_sm, splits, _forced_sum(sum_in_kernel), int(separate_sum),
             ctypes.byref(ran_splits), ctypes.byref(scales), ctypes.byref(in_kernel),
         )  # fmt: skip
         self._check(problem)
@@ -133,14 +139,15 @@ class EmulatedKernels:
         return out
 
     def plan_mma(
-        self, m, n, k, group_len, bits, sm_count, blocks_per_sm, splits=0
+        self, m, n, k, group_len, bits, sm_count, blocks_per_sm, splits=0, sum_in_kernel=None
     ) -> dict[str, int | str | bool]:
         """The tensor-core launch plan alone (compress_kernels::plan_mma), without running it;
-        `splits` > 0 overrides its splits of K."""
+        `splits` and `sum_in_kernel` override its choices as in `mma_gemm`."""
         fields = (ctypes.c_int * len(PLAN_FIELDS))()
         self._lib.emulated_plan_mma(
-            m, n, k, group_len, bits, sm_count, blocks_per_sm, splits, fields
-        )
+            m, n, k, group_len, bits, sm_count, blocks_per_sm, splits,
+            _forced_sum(sum_in_kernel), fields,
+        )  # fmt: skip
         plan: dict[str, int | str | bool] = dict(zip(PLAN_FIELDS, fields, strict=True))
         plan["scales"] = SCALE_MODES[int(plan["scales"])]
         plan["sum_in_kernel"] = bool(plan["sum_in_kernel"])

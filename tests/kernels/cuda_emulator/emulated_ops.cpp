@@ -64,19 +64,20 @@ extern "C" void emulated_set_block_order(unsigned seed) { cuda_emu::g_block_orde
 // and scales; whether the last split's block added the partial sums (no second kernel)
 // through summed_in_kernel. separate_sum passes no tile counters, as the CUDA op does where
 // it has none for the stream. The counters persist across calls, as the CUDA op's do, and
-// must be zeros again after each. forced_splits > 0 overrides the plan's splits, as the CUDA
-// op's `splits` argument does.
+// must be zeros again after each. forced_splits and forced_sum override the plan's choices as
+// the CUDA op's `splits` and `sum_in_kernel` do (compress_kernels::MmaOverrides).
 extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          const int32_t* packed, const void* scale,
                                          const int32_t* zero_packed, void* out, int M, int N,
                                          int K, int group_len, int sm_count, int blocks_per_sm,
-                                         int forced_splits, int separate_sum, int* splits,
+                                         int forced_splits, int forced_sum, int separate_sum,
+                                         int* splits,
                                          int* scales, int* summed_in_kernel) {
   static std::vector<int> tile_counters(compress_kernels::kMaxTileCounters, 0);
   return run([&](cuda_emu::Stream stream) {
     const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
-    const compress_kernels::MmaPlan plan =
-        compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm, forced_splits);
+    const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
+        choice, M, N, K, bits, sm_count, blocks_per_sm, {forced_splits, forced_sum});
     *splits = plan.splits;
     *scales = static_cast<int>(plan.kernel.scales);
     int* counters = separate_sum ? nullptr : tile_counters.data();
@@ -101,10 +102,11 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
 // mma_gemm's launch plan alone, for shapes too large to emulate: the chosen kernel's m_rows and
 // ScaleMode, blocks_n, splits, chunks_per_split and sum_in_kernel, in that order, into fields.
 extern "C" void emulated_plan_mma(int M, int N, int K, int group_len, int bits, int sm_count,
-                                  int blocks_per_sm, int forced_splits, int* fields) {
+                                  int blocks_per_sm, int forced_splits, int forced_sum,
+                                  int* fields) {
   const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
-  const compress_kernels::MmaPlan plan =
-      compress_kernels::plan_mma(choice, M, N, K, bits, sm_count, blocks_per_sm, forced_splits);
+  const compress_kernels::MmaPlan plan = compress_kernels::plan_mma(
+      choice, M, N, K, bits, sm_count, blocks_per_sm, {forced_splits, forced_sum});
   const int values[] = {plan.kernel.m_rows, static_cast<int>(plan.kernel.scales), plan.blocks_n,
                         plan.splits, plan.chunks_per_split, plan.sum_in_kernel};
   std::copy(std::begin(values), std::end(values), fields);
