@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Issue 4's GPU checks in one call: build cuda_ext, run the CUDA and emulated kernel tests and
-# the decode benchmark's tests (its CUDA-graph step), count the kernels' machine code, then the
-# kernel benchmark (Llama-3-8B shapes), the tensor-core kernel at every split of K against its
-# launch plan's (splits.md), the host cost per quantized layer call, and the decode benchmark
-# (a random ~1B Llama).
+# Issue 4's GPU checks in one call, the deliverables first, so that a run cut short by its
+# time limit still brings them back: build cuda_ext, run the CUDA kernel tests and the decode
+# benchmark's tests (its CUDA-graph step), then the kernel benchmark (Llama-3-8B shapes), the
+# decode benchmark (a random ~1B Llama), the tensor-core kernel at every split of K against its
+# launch plan's (splits.md), and the host cost per quantized layer call. What needs no GPU
+# stays off the device's scarce time: the emulated kernel tests and the machine-code counts
+# (benchmarks/kernel_sass.py) run in CI.
 # Logs and tables go to $OUT (the device tool's result folder) or runs/gpu-check.
 #
 # On a CUDA machine with torch, nvcc and pytest (the device tool's H200 image has all three):
@@ -50,18 +52,16 @@ assert cuda_ops.load(), "cuda_ext did not build or load"
 print(f"cuda_ext built and loaded in {time.perf_counter() - start:.0f} s")
 PY
 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_matmul_cuda.py \
-    tests/kernels/test_dequant_matmul_emulated.py tests/stages/test_bench_decode.py 2>&1 \
-    | tee "$OUT/tests.log" || status=1
-python3 benchmarks/kernel_sass.py --check 2>&1 | tee "$OUT/sass.md" || status=1
+    tests/stages/test_bench_decode.py 2>&1 | tee "$OUT/tests.log" || status=1
 for scheme in "--bits 4 --group-size 128" "--bits 4 --group-size 128 --asymmetric --dtype bfloat16" \
     "--bits 8 --group-size -1"; do
     # shellcheck disable=SC2086  # the scheme is a list of arguments
     python3 benchmarks/kernel.py $scheme 2>&1 | tee -a "$OUT/kernel.md" || status=1
 done
+python3 benchmarks/decode.py --preset llama-1b 2>&1 | tee "$OUT/decode.md" || status=1
 for scheme in "--bits 4 --group-size 128" "--bits 8 --group-size -1"; do
     # shellcheck disable=SC2086
     python3 benchmarks/kernel.py $scheme --sweep-splits 2>&1 | tee -a "$OUT/splits.md" || status=1
 done
 python3 benchmarks/dispatch.py 2>&1 | tee "$OUT/dispatch.md" || status=1
-python3 benchmarks/decode.py --preset llama-1b 2>&1 | tee "$OUT/decode.md" || status=1
 exit $status
