@@ -128,7 +128,7 @@ def measure(
         "gemv": time_ms(each(lambda *a: ops.gemv(x, *a)), *timing)
         if rows <= CUDA_GEMV_MAX_ROWS
         else None,
-        "mma": time_ms(each(lambda *a: ops.mma_gemm(x, *a)), *timing) if mma_ok else None,
+        "mma": time_mma(x, op_args, 0, None, args) if mma_ok else None,
     }
 
 

@@ -119,10 +119,9 @@ class EmulatedKernels:
         small one makes the plan split K across blocks. `blocks_per_sm` stands in for the
         kernel's occupancy (0: unknown, the grid is not capped at one wave). `splits` > 0 and
         `sum_in_kernel` (True / False) override the plan's choices, as the CUDA op's arguments
-        do. `separate_sum`
-        withholds the tile counters, so a second kernel adds the splits. Sets `last_splits`,
-        `last_scales` (the plan's ScaleMode: "weights", "chunk" or "end") and
-        `last_summed_in_kernel`."""
+        do. `separate_sum` withholds the tile counters, so a second kernel adds the splits.
+        Sets `last_splits`, `last_scales` (the plan's ScaleMode: "weights", "chunk" or "end")
+        and `last_summed_in_kernel`."""
         x, out, m, n = self._rows_and_output(x, weight_packed, in_features, out)
         group_len = in_features if group_size == -1 else group_size
         ran_splits, scales, in_kernel = ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(0)

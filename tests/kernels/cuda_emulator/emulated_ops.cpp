@@ -71,8 +71,7 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          const int32_t* zero_packed, void* out, int M, int N,
                                          int K, int group_len, int sm_count, int blocks_per_sm,
                                          int forced_splits, int forced_sum, int separate_sum,
-                                         int* splits,
-                                         int* scales, int* summed_in_kernel) {
+                                         int* splits, int* scales, int* summed_in_kernel) {
   static std::vector<int> tile_counters(compress_kernels::kMaxTileCounters, 0);
   return run([&](cuda_emu::Stream stream) {
     const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
