@@ -21,7 +21,8 @@
 //
 // A fourth, mma_plan(rows, out_features, in_features, group_size, bits, bfloat16, splits = 0,
 // sum_in_kernel = None) → int[], says what mma_gemm would launch on the current device
-// (benchmarks/kernel.py shows it).
+// (benchmarks/kernel.py shows it), and a fifth, split_k_counter_sets() → int[], how the
+// current device's split-K counter sets are held (split_k_counters.cuh; the GPU tests read it).
 //
 // Only what the kernels need is included (the CUDA 13 toolkit here has no cuBLAS headers).
 
@@ -42,6 +43,7 @@
 
 #include "device_environment.cuh"
 #include "dequant_matmul_kernels.cuh"
+#include "split_k_counters.cuh"
 
 namespace {
 
@@ -191,39 +193,71 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
-// mma_gemm's split-K tile counters (add_splits_if_last in the kernels): kMaxTileCounters
-// zeros per stream. Launches on one stream run one after another and share a set; launches on
-// two streams may overlap and must not. Per device, kCounterSets sets are made at the first
-// launch outside a CUDA graph capture and never freed, since a captured graph keeps their
-// address. A launch without a set (during a capture before any launch outside one, or on a
-// stream beyond the first kCounterSets) gets null: its sums are then added by a second kernel.
-// A captured graph uses the set of its capture stream: two graphs captured on one stream must
-// not be replayed at the same time on two streams.
-constexpr int kCounterSets = 64;
+// mma_gemm's split-K tile counters: kCounterSets sets of kMaxTileCounters per device (1 MB),
+// leased per stream and per captured graph (split_k_counters.cuh says who may share one).
+constexpr int kCounterSets = 256;
 
+compress_kernels::SplitKCounterSets& counter_sets() {
+  // Never destroyed: CUDA may hand a graph's lease back after static destructors have run
+  // (a graph freed while the process exits).
+  static auto* sets = new compress_kernels::SplitKCounterSets(kCounterSets, kMaxTileCounters);
+  return *sets;
+}
+
+// What a captured graph owns (as a CUDA user object) to hand its set back when it is destroyed.
+struct GraphLease {
+  compress_kernels::CounterLaunch launch;
+};
+
+void CUDART_CB release_graph_lease(void* lease) {
+  const auto* held = static_cast<const GraphLease*>(lease);
+  counter_sets().release(held->launch);
+  delete held;
+}
+
+// Makes the graph being captured the owner of `launch`'s new lease. CUDA permits every
+// operation but destroy and node removal on a graph while it is being captured.
+void tie_lease_to_graph(const compress_kernels::CounterLaunch& launch, cudaGraph_t graph) {
+  auto* lease = new GraphLease{launch};
+  cudaUserObject_t owner = nullptr;
+  const cudaError_t made = cudaUserObjectCreate(&owner, lease, release_graph_lease, 1,
+                                                cudaUserObjectNoDestructorSync);
+  if (made != cudaSuccess) release_graph_lease(lease);
+  C10_CUDA_CHECK(made);
+  const cudaError_t retained = cudaGraphRetainUserObject(graph, owner, 1, cudaGraphUserObjectMove);
+  if (retained != cudaSuccess) cudaUserObjectRelease(owner, 1);  // runs release_graph_lease
+  C10_CUDA_CHECK(retained);
+}
+
+// The counters for a launch on `stream`, or null (a second kernel then adds the splits).
 int* tile_counters(int device, cudaStream_t stream) {
-  static std::mutex mutex;
-  static std::map<int, at::Tensor> sets_of_device;
-  static std::map<std::pair<int, cudaStream_t>, int*> set_of_stream;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto known = set_of_stream.find({device, stream});
-  if (known != set_of_stream.end()) return known->second;
-  auto sets = sets_of_device.find(device);
-  if (sets == sets_of_device.end()) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  cudaGraph_t graph = nullptr;
+#if CUDART_VERSION >= 12000
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &capture_id, &graph));
+#else
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo_v2(stream, &status, &capture_id, &graph));
+#endif
+  if (status == cudaStreamCaptureStatusInvalidated) return nullptr;  // the launch fails anyway
+  const compress_kernels::CounterLaunch launch{device, stream,
+                                               status == cudaStreamCaptureStatusActive, capture_id};
+  const compress_kernels::CounterLease lease = counter_sets().counters_for(launch, [&](int) {
+    static std::vector<at::Tensor> pools;  // for good: graphs keep their sets' addresses
     at::Tensor zeros = at::zeros({kCounterSets, kMaxTileCounters},
                                  at::TensorOptions().device(at::kCUDA, device).dtype(at::kInt));
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // zeros before another stream takes a set
-    sets = sets_of_device.emplace(device, zeros).first;
-  }
-  int used = 0;
-  for (const auto& entry : set_of_stream) used += entry.first.first == device;
-  if (used == kCounterSets) return nullptr;
-  int* set = sets->second.data_ptr<int>() + static_cast<int64_t>(used) * kMaxTileCounters;
-  set_of_stream.emplace(std::make_pair(device, stream), set);
-  return set;
+    pools.push_back(zeros);
+    return zeros.data_ptr<int>();
+  });
+  if (lease.new_capture_lease) tie_lease_to_graph(launch, graph);
+  return lease.counters;
+}
+
+// The current device's counter sets, {held by streams, held by captured graphs, free}: the
+// GPU tests check that graphs hand theirs back.
+std::vector<int64_t> split_k_counter_sets() {
+  return counter_sets().usage(c10::cuda::current_device());
 }
 
 // Blocks of an mma_kernel instantiation that one SM of `device` holds at once (its registers
@@ -369,6 +403,7 @@ TORCH_LIBRARY(compress_cuda, m) {
       "mma_plan(int rows, int out_features, int in_features, int group_size, int bits, "
       "bool bfloat16, int splits=0, bool? sum_in_kernel=None) -> int[]",
       &mma_plan);
+  m.def("split_k_counter_sets() -> int[]", &split_k_counter_sets);
 }
 
 TORCH_LIBRARY_IMPL(compress_cuda, CUDA, m) {

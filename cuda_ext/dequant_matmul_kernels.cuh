@@ -970,8 +970,10 @@ struct MmaPlan {
   int blocks_per_sm;  // the occupancy the grid was capped for (0: unknown, uncapped)
 };
 
-// The tile counters a caller keeps for mma_gemm: enough for N up to 2^19 rows.
-constexpr int kMaxTileCounters = 4096;
+// The tile counters a caller keeps for mma_gemm: one per column of blocks, enough for N up to
+// 2^17 rows. The plan splits K only while the columns alone give fewer than two blocks per SM,
+// so every device up to 512 SMs has counters for all its split-K launches.
+constexpr int kMaxTileCounters = 1024;
 // The most partial sums (M · splits) one thread of the last block adds in the kernel. It
 // takes them 16 loads at a time, about an L2 round trip and 250 issue cycles each (~0.4 µs);
 // past 4 such batches a second kernel, one thread per output, is cheaper (about 1–2 µs in a

@@ -31,7 +31,7 @@ import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])
-for op in ("gemv", "mma_gemm", "dequantize", "mma_plan"):
+for op in ("gemv", "mma_gemm", "dequantize", "mma_plan", "split_k_counter_sets"):
     schema = getattr(torch.ops.compress_cuda, op).default._schema
     print(f"registered: {schema}")
     if op in ("mma_gemm", "mma_plan"):  # benchmarks/kernel.py --sweep-splits passes these

@@ -7,7 +7,9 @@ through the raw op, so a kernel that skips rows or columns cannot pass on stale 
 
 from __future__ import annotations
 
+import gc
 import itertools
+import time
 
 import pytest
 import torch
@@ -145,6 +147,103 @@ def test_split_k_gives_the_same_bits_on_every_stream_and_in_graphs():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, first)
+
+
+def _split_k_in_kernel_cases(count: int) -> list[tuple[torch.Tensor, tuple, torch.Tensor]]:
+    """`count` (x, mma_gemm's weight arguments, its eager output) at M = 1 on 4096 × 4096 INT4
+    g128 weights, whose K the plan splits with the last block adding the sums."""
+    n, k, spec = 4096, 4096, QuantSpec(4, 128, False)
+    assert torch.ops.compress_cuda.mma_plan(1, n, k, 128, 4, False)[5] == 1, "no in-kernel sum"
+    cases = []
+    for seed in range(count):
+        packed, _ = packed_case(n, k, spec, torch.float16, seed=20 + seed)
+        args = (*_on_gpu(packed), 4, 128, k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        cases.append((x, args, torch.ops.compress_cuda.mma_gemm(x, *args)))
+    return cases
+
+
+def _captured(
+    x: torch.Tensor, args: tuple, stream: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """mma_gemm recorded on `stream` (as torch.cuda.graph records every graph on one stream,
+    without its garbage collection and cache emptying per capture)."""
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        out = torch.ops.compress_cuda.mma_gemm(x, *args)
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out
+
+
+def _sets_held_by_graphs() -> int:
+    return torch.ops.compress_cuda.split_k_counter_sets()[1]
+
+
+def _settled_sets_held_by_graphs() -> int:
+    """The sets held by graphs once no destroyed graph's hand-back is pending: CUDA runs them
+    on its own thread, after the graph's launches, so the count may still fall for a moment
+    after an earlier test's graphs are freed."""
+    gc.collect()
+    held, deadline = -1, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        torch.cuda.synchronize()
+        time.sleep(0.02)
+        now = _sets_held_by_graphs()
+        if now == held:
+            break
+        held = now
+    return held
+
+
+def test_graphs_captured_on_one_stream_replay_at_once_on_two_streams():
+    """Two graphs recorded on one capture stream hold split-K counters of their own: replayed
+    at the same time on two streams, each gives its eager bits every time (shared counters
+    would let a block add the sums before every split of the other graph's launch is
+    written, and leave counts behind)."""
+    cases = _split_k_in_kernel_cases(2)
+    held = _settled_sets_held_by_graphs()
+    capture_stream = torch.cuda.Stream()
+    captured = [_captured(x, args, capture_stream) for x, args, _ in cases]
+    assert _sets_held_by_graphs() == held + 2
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(20):
+        for _, out in captured:
+            out.fill_(float("nan"))
+        for stream, (graph, _) in zip(streams, captured, strict=True):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(8):
+                    graph.replay()
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for (_, out), (_, _, expected) in zip(captured, cases, strict=True):
+            assert torch.equal(out, expected)
+
+
+def test_destroyed_graphs_hand_their_split_k_counters_back():
+    """A graph's counter set goes back to the pool when the graph is destroyed (CUDA runs the
+    hand-back on its own thread once the graph and its launches are done), so capturing more
+    graphs over a process's life than there are sets keeps the sums in the kernel."""
+    x, args, expected = _split_k_in_kernel_cases(1)[0]
+    held = _settled_sets_held_by_graphs()
+    sets = sum(torch.ops.compress_cuda.split_k_counter_sets())
+    capture_stream = torch.cuda.Stream()
+    for _ in range(sets + 8):
+        graph, out = _captured(x, args, capture_stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+        assert _sets_held_by_graphs() == held + 1, "the capture got no counters"
+        del graph, out
+        deadline = time.monotonic() + 5
+        while _sets_held_by_graphs() > held and time.monotonic() < deadline:
+            torch.cuda.synchronize()  # CUDA may defer the hand-back to its next sync
+            time.sleep(0.001)
+        assert _sets_held_by_graphs() == held
 
 
 # (K, N) of Llama-3-8B's projections: their grids at M 17–64 needed the one-wave cap.

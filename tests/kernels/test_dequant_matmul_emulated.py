@@ -183,6 +183,53 @@ def test_split_k_sums_in_the_kernel_whatever_the_block_order(emulator, m, sm_cou
         emulator.set_block_order(0)
 
 
+# SplitKCounterSets steps: (device, stream, capture id or None, release).
+EAGER_A, EAGER_B, CAPTURE_1, CAPTURE_2 = (0, 11, None, False), (0, 12, None, False), 101, 102
+
+
+def test_split_k_counter_sets_are_shared_only_by_launches_that_cannot_overlap(emulator):
+    """Launches outside a capture share their stream's set; every capture gets sets apart
+    from those and from every other capture, one per stream it records on (a forked capture's
+    branches may run at once), whatever stream the capture was recorded on."""
+    run = emulator.counter_sets(8, 32, [
+        EAGER_A, EAGER_B, EAGER_A,                 # 0 1 0: a set per stream
+        (0, 11, CAPTURE_1, False),                 # 2: the capture on stream A, apart from A's
+        (0, 11, CAPTURE_1, False),                 # 2: later launches of the same capture
+        (0, 12, CAPTURE_1, False),                 # 3: the capture forked onto stream B
+        (0, 11, CAPTURE_2, False),                 # 4: a second graph captured on stream A
+        (1, 11, None, False),                      # device 1 has a pool of its own
+        EAGER_B,                                   # 1
+    ])  # fmt: skip
+    assert run.sets == [0, 1, 0, 2, 2, 3, 4, 0, 1]
+    assert run.new_leases == [False, False, False, True, False, True, True, False, False]
+    assert run.pools_made == [0, 1]
+    assert run.usage == [(2, 3, 3), (1, 0, 7)]
+
+
+def test_split_k_counter_sets_go_back_when_their_graph_is_destroyed(emulator):
+    """A destroyed graph's sets are leased again; the streams' are kept. When every set is
+    leased a launch gets none (a second kernel then adds its splits), until a graph hands one
+    back. A capture before any launch outside one gets none and makes no pool: nothing may be
+    allocated or zeroed outside the graph during a capture."""
+    run = emulator.counter_sets(3, 32, [
+        (0, 11, CAPTURE_1, False),                 # None: no pool yet
+        EAGER_A,                                   # 0, and the pool
+        (0, 11, CAPTURE_1, False),                 # 1
+        (0, 11, CAPTURE_2, False),                 # 2
+        (0, 12, None, False),                      # None: every set leased
+        (0, 11, CAPTURE_1, True),                  # the first graph is destroyed
+        (0, 11, CAPTURE_1, True),                  # a second release changes nothing
+        EAGER_A,                                   # 0: a stream's set is never released
+        (0, 11, None, True),
+        (0, 12, None, False),                      # 1: the destroyed graph's set
+        (0, 13, 103, False),                       # None again
+    ])  # fmt: skip
+    assert run.sets == [None, 0, 1, 2, None, None, None, 0, None, 1, None]
+    assert run.new_leases == [False, False, True, True] + [False] * 7
+    assert run.pools_made == [0]
+    assert run.usage[0] == (2, 1, 0)
+
+
 # (K, N) of Llama-3-8B's projections, Llama-3-70B's MLP and SmolLM2-135M's (hidden size 576).
 PLAN_SHAPES = [
     (4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 28672), (28672, 8192),

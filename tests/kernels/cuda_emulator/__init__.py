@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,7 @@ SOURCES = (
     HERE / "emulated_ops.cpp",
     HERE / "cuda_emulator.h",
     KERNELS_DIR / "dequant_matmul_kernels.cuh",
+    KERNELS_DIR / "split_k_counters.cuh",
 )
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 # compress_kernels::ScaleMode, by its value.
@@ -63,6 +65,17 @@ def _build(include: Path) -> Path:
         raise RuntimeError(f"building the CUDA emulator failed:\n{result.stderr[-4000:]}")
     partial.replace(library)  # atomic: a concurrent run never loads half a file
     return library
+
+
+class CounterSetsRun(NamedTuple):
+    """What `EmulatedKernels.counter_sets` saw: per step the set (None: none or a release) and
+    whether it was leased to a capture then; the devices whose pool was made, in order; and
+    per device (held by streams, held by captures, free) after the last step."""
+
+    sets: list[int | None]
+    new_leases: list[bool]
+    pools_made: list[int]
+    usage: list[tuple[int, int, int]]
 
 
 def _forced_sum(sum_in_kernel: bool | None) -> int:
@@ -151,6 +164,35 @@ class EmulatedKernels:
         plan["scales"] = SCALE_MODES[int(plan["scales"])]
         plan["sum_in_kernel"] = bool(plan["sum_in_kernel"])
         return plan
+
+    def counter_sets(
+        self,
+        sets_per_device: int,
+        counters_per_set: int,
+        steps: list[tuple[int, int, int | None, bool]],
+        devices: int = 2,
+    ) -> CounterSetsRun:
+        """compress_kernels::SplitKCounterSets (cuda_ext/split_k_counters.cuh) driven through
+        `steps`: (device, stream, capture id or None outside a capture, release). A step with
+        release hands its capture's set back, as a destroyed graph does; any other is a
+        launch, which gets a set (its index in the device's pool) or None."""
+        n = len(steps)
+        flat = (ctypes.c_longlong * (4 * n))(
+            *(v for d, s, c, r in steps for v in (d, s, -1 if c is None else c, int(r)))
+        )
+        sets, new_leases = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+        pools_made = (ctypes.c_int * (devices + n))()
+        usage = (ctypes.c_longlong * (3 * devices))()
+        made = self._lib.emulated_counter_sets(
+            sets_per_device, counters_per_set, n, flat, sets, new_leases, pools_made, devices,
+            usage,
+        )  # fmt: skip
+        return CounterSetsRun(
+            sets=[None if v < 0 else v for v in sets],
+            new_leases=[bool(v) for v in new_leases],
+            pools_made=list(pools_made[:made]),
+            usage=[tuple(usage[3 * d : 3 * d + 3]) for d in range(devices)],
+        )
 
     def set_block_order(self, seed: int) -> None:
         """Blocks of every later launch run in grid order (0) or shuffled by `seed`."""

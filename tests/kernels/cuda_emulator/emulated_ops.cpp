@@ -3,10 +3,12 @@
 // Each entry point returns "" when the launch went well, else the emulator's first problem.
 
 #include <algorithm>
+#include <map>
 #include <vector>
 
 #include "cuda_emulator.h"
 #include "dequant_matmul_kernels.cuh"
+#include "split_k_counters.cuh"
 
 namespace {
 
@@ -121,4 +123,47 @@ extern "C" long emulated_small_divisor_errors(int d, int n_end, int ulps) {
   long wrong = 0;
   for (int n = 0; n < n_end; ++n) wrong += divisor.divide(n) != n / d;
   return wrong;
+}
+
+// compress_kernels::SplitKCounterSets, as the CUDA op drives it, through `count` steps of four
+// numbers each in `steps`: device, stream, capture id (-1: outside a capture) and release (1:
+// the step hands its capture's set back, as a destroyed graph does; 0: a launch). Per step,
+// `sets` gets the set the launch got, as an index into its device's pool (-1: none, -2: a
+// release), and `new_leases` whether it was leased to the capture just then. The devices whose
+// pool was made go into `pools_made` in order (their count is returned), and the usage of
+// devices 0 … devices − 1 after the last step into `usage` (3 numbers each).
+extern "C" int emulated_counter_sets(int sets_per_device, int counters_per_set, int count,
+                                     const long long* steps, int* sets, int* new_leases,
+                                     int* pools_made, int devices, long long* usage) {
+  compress_kernels::SplitKCounterSets counter_sets(sets_per_device, counters_per_set);
+  std::map<int, std::vector<int>> pools;
+  int made = 0;
+  auto make_pool = [&](int device) {
+    pools_made[made++] = device;
+    std::vector<int>& pool = pools[device];
+    pool.assign(static_cast<size_t>(sets_per_device) * counters_per_set, 0);
+    return pool.data();
+  };
+  for (int i = 0; i < count; ++i) {
+    const long long* step = steps + 4 * i;
+    const compress_kernels::CounterLaunch launch{static_cast<int>(step[0]),
+                                                 reinterpret_cast<const void*>(step[1]),
+                                                 step[2] >= 0, static_cast<unsigned long long>(step[2])};
+    new_leases[i] = 0;
+    if (step[3] == 1) {
+      counter_sets.release(launch);
+      sets[i] = -2;
+      continue;
+    }
+    const compress_kernels::CounterLease lease = counter_sets.counters_for(launch, make_pool);
+    new_leases[i] = lease.new_capture_lease;
+    sets[i] = lease.counters == nullptr
+                  ? -1
+                  : static_cast<int>((lease.counters - pools.at(launch.device).data()) / counters_per_set);
+  }
+  for (int device = 0; device < devices; ++device) {
+    const std::vector<int64_t> used = counter_sets.usage(device);
+    std::copy(used.begin(), used.end(), usage + 3 * device);
+  }
+  return made;
 }
