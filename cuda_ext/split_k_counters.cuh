@@ -77,9 +77,10 @@ class SplitKCounterSets {
   // The graph that `launch` captured into is gone: its set goes back to the pool. Called
   // from CUDA's own thread; takes only this object's lock.
   void release(const CounterLaunch& launch) {
+    if (!launch.capturing) return;  // a stream's set is held for good
     const std::lock_guard<std::mutex> lock(mutex_);
     const auto held = set_of_.find(key_of(launch));
-    if (held == set_of_.end() || !launch.capturing) return;
+    if (held == set_of_.end()) return;
     Pool& sets = pools_.at(launch.device);
     sets.free.push_back(static_cast<int>((held->second - sets.base) / counters_per_set_));
     --sets.captured;
