@@ -9,12 +9,25 @@ call builds them just in time, and a CPU install uses the pure-PyTorch implement
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
 
 CUDA_SOURCES = sorted(str(p) for p in Path("cuda_ext").glob("*.cu"))
+
+
+def _cuda_build():
+    """compress/cuda_build.py (the kernels' targets and nvcc flags), loaded by path: importing
+    the package being built would import its dependencies."""
+    spec = importlib.util.spec_from_file_location("cuda_build", Path("compress/cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extensions() -> tuple[list, dict]:
@@ -27,19 +40,15 @@ def _cuda_extensions() -> tuple[list, dict]:
         return [], {}
     if torch.version.cuda is None:
         return [], {}
+    build = _cuda_build()
     sources = CUDA_SOURCES + sorted(str(p) for p in Path("cuda_ext").glob("*.cpp"))
     ext = CUDAExtension(
         "compress._cuda_ext",
         sources,
         extra_compile_args={
             "cxx": ["-O3"],
-            # The same flags as compress/cuda_ops.NVCC_FLAGS (the JIT build).
-            "nvcc": [
-                "-O3",
-                "--use_fast_math",
-                "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90",
-            ],
+            # sm_80, sm_90 and sm_90's PTX, or TORCH_CUDA_ARCH_LIST's (compress/cuda_build.py).
+            "nvcc": build.nvcc_flags(build.prebuilt_targets(os.environ)),
         },
     )
     return [ext], {"build_ext": BuildExtension}

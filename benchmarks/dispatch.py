@@ -90,13 +90,13 @@ def stand_in_cuda_kernels(output: torch.Tensor) -> Iterator[None]:
         return output
 
     kernel.default = kernel  # called as an op (torch.ops.ns.op) or as its overload (.default)
-    saved = (getattr(torch.ops, "compress_cuda", None), cuda_ops.load, kernels._has_mma)
+    saved = (getattr(torch.ops, "compress_cuda", None), cuda_ops.load, cuda_ops.runs_on)
     torch.ops.compress_cuda = SimpleNamespace(gemv=kernel, mma_gemm=kernel, dequantize=kernel)
-    cuda_ops.load, kernels._has_mma = (lambda: True), (lambda device: True)
+    cuda_ops.load, cuda_ops.runs_on = (lambda: True), (lambda device: True)
     try:
         yield
     finally:
-        torch.ops.compress_cuda, cuda_ops.load, kernels._has_mma = saved
+        torch.ops.compress_cuda, cuda_ops.load, cuda_ops.runs_on = saved
 
 
 def activation_dtype(args: argparse.Namespace) -> torch.dtype:

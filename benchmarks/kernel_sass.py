@@ -38,9 +38,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "cuda_ext"
-# The flags of setup.py and compress/cuda_ops.py (torch's extension build adds the last).
-NVCC_FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+REPO = Path(__file__).resolve().parents[1]
+KERNELS_DIR = REPO / "cuda_ext"
+# The build's flags come from compress/cuda_build.py, which imports only the standard library,
+# so this script loads it alone: it runs in CI's CUDA build venv, where compress is not installed.
+sys.path.insert(0, str(REPO / "compress"))
+import cuda_build  # noqa: E402
+
+# The flags of setup.py and compress/cuda_ops.py (torch's extension build adds the first and last).
+NVCC_FLAGS = ["-std=c++17", *cuda_build.BASE_NVCC_FLAGS, "--expt-relaxed-constexpr"]
 # What the H100 SXM model of the last column assumes (see the docstring).
 ISSUE_RATE = 132 * 4 * 1.98e9  # warp instructions per second
 MODEL_K, MODEL_N = 4096, 14336

@@ -15,7 +15,6 @@ a dequantize kernel followed by cuBLAS. The fake (meta) implementation lets
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -243,13 +242,14 @@ def _checked_operands(
 # ------------------------------------------------------------------------------------ CUDA
 
 # Which cuda_ext kernel takes how many rows (M). The tensor-core GEMM takes 1…CUDA_MMA_MAX_ROWS
-# where it can run (sm_80+, K and the group size multiples of its slice, 16-byte aligned
-# rows); where it cannot, the GEMV takes up to CUDA_GEMV_MAX_ROWS; above either, the weight is
-# dequantized once by the CUDA kernel and multiplied by cuBLAS. The GEMV would also take
-# M ≤ CUDA_GEMV_ROWS where the tensor cores can run: 0, because for the same bytes read the
-# tensor-core kernel issues 1.9–3.3 instructions per INT4 weight at M ≤ 8 and the GEMV 8.3
-# (sm_90 machine code, benchmarks/kernel_sass.py). Unmeasured on a GPU: benchmarks/kernel.py times
-# both kernels at every M, to confirm or move this.
+# where it can run (K and the group size multiples of its slice, 16-byte aligned rows; every
+# device the kernels run on is sm_80+, see cuda_operands); where it cannot, the GEMV takes up
+# to CUDA_GEMV_MAX_ROWS; above either, the weight is dequantized once by the CUDA kernel and
+# multiplied by cuBLAS. The GEMV would also take M ≤ CUDA_GEMV_ROWS where the tensor cores can
+# run: 0, because for the same bytes read the tensor-core kernel issues 1.9–3.3 instructions
+# per INT4 weight at M ≤ 8 and the GEMV 8.3 (sm_90 machine code, benchmarks/kernel_sass.py).
+# Unmeasured on a GPU: benchmarks/kernel.py times both kernels at every M, to confirm or move
+# this.
 CUDA_GEMV_ROWS = 0
 CUDA_GEMV_MAX_ROWS = 16
 CUDA_MMA_MAX_ROWS = 64
@@ -272,11 +272,6 @@ def cuda_path(rows: int, bits: int, group_size: int, in_features: int, *, mma_ca
     return "dequantize"
 
 
-@functools.cache
-def _has_mma(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)  # mma.sync m16n8k16
-
-
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -285,15 +280,20 @@ def cuda_operands(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """(scales in `dtype`, zero points, whether the tensor cores can read the codes), as the
-    kernels take them. Scales are cast to the activation dtype, the rounding the pure-PyTorch
-    path applies too. The codes are not kept here: a tensor's cache holding the tensor itself
-    would be a reference cycle. A non-contiguous weight is copied on each call, and a new
-    allocation is 16-byte aligned, so the alignment judged on the copy made here holds."""
+    kernels take them, or None where the loaded kernels hold no code the weight's device runs
+    (cuda_ops.runs_on: before sm_80; the op then takes its pure-PyTorch path). Scales are cast
+    to the activation dtype, the rounding the pure-PyTorch path applies too. The codes are not
+    kept here: a tensor's cache holding the tensor itself would be a reference cycle. A
+    non-contiguous weight is copied on each call, and a new allocation is 16-byte aligned, so
+    the alignment judged on the copy made here holds. Every device the kernels run on is
+    sm_80 or newer (compress/cuda_build.py), so the tensor cores need only the alignment."""
+    if not cuda_ops.runs_on(weight_packed.device):
+        return None
     aligned = weight_packed.contiguous().data_ptr() % 16 == 0
     zero = None if zero_point is None else zero_point.contiguous()
-    return scale.to(dtype).contiguous(), zero, aligned and _has_mma(weight_packed.device)
+    return scale.to(dtype).contiguous(), zero, aligned
 
 
 def _dequant_matmul_cuda(
@@ -315,12 +315,15 @@ def _dequant_matmul_cuda(
         return _dequantize_then_linear(*args)
 
     key = (_state(weight_packed), _state(scale), _state(zero_point), x.dtype)
-    scale_x, zero, mma_capable = _checked_operands(
+    operands = _checked_operands(
         args,
         key,
         lambda: cuda_operands(weight_packed, scale, zero_point, x.dtype),
         held=(scale, zero_point),
     )
+    if operands is None:  # no kernel code for this device
+        return _dequantize_then_linear(*args)
+    scale_x, zero, mma_capable = operands
     packed = weight_packed.contiguous()
     ops = torch.ops.compress_cuda
     # The compiled ops take x (..., K) as it is and flatten it themselves: a reshape here

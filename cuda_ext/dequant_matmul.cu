@@ -15,14 +15,16 @@
 //       block, False: a second kernel), for benchmarks/kernel.py --sweep-splits; the
 //       defaults keep the plan's.
 //   gemv(x (..., K), ...) → (..., N), on CUDA cores for M ≤ 16, where mma_gemm cannot run
-//       (before sm_80, other K or group sizes, unaligned rows). Same single read.
+//       (other K or group sizes, unaligned rows). Same single read.
 //   dequantize(weight_packed, scale, zero_point?, ...) → (N, K) in the scale's dtype, for
 //       larger M, where the caller hands the dense weight to cuBLAS.
 //
 // A fourth, mma_plan(rows, out_features, in_features, group_size, bits, bfloat16, splits = 0,
 // sum_in_kernel = None) → int[], says what mma_gemm would launch on the current device
-// (benchmarks/kernel.py shows it), and a fifth, split_k_counter_sets() → int[], how the
-// current device's split-K counter sets are held (split_k_counters.cuh; the GPU tests read it).
+// (benchmarks/kernel.py shows it), a fifth, split_k_counter_sets() → int[], how the
+// current device's split-K counter sets are held (split_k_counters.cuh; the GPU tests read it),
+// and a sixth, kernel_architecture() → int, which kernel code the current device runs (0: none,
+// and compress/cuda_ops.py keeps the pure-PyTorch path there).
 //
 // Only what the kernels need is included (the CUDA 13 toolkit here has no cuBLAS headers).
 
@@ -260,6 +262,24 @@ std::vector<int64_t> split_k_counter_sets() {
   return counter_sets().usage(c10::cuda::current_device());
 }
 
+// The architecture of the kernel code the current device runs (cudaFuncAttributes'
+// binaryVersion: 80 on an A100 or any other 8.x GPU of a prebuilt library, 90 on an H100, or
+// what the driver compiled the embedded PTX for on a newer GPU), or 0 where the library holds
+// nothing the device can run (before sm_80, or a build for other GPUs). Every kernel is built
+// for the same targets, so one kernel answers for all. compress/cuda_ops.py asks once per
+// device and keeps the pure-PyTorch path where it is 0, rather than failing at the first launch.
+int64_t kernel_architecture() {
+  cudaFuncAttributes attributes{};
+  const cudaError_t found =
+      cudaFuncGetAttributes(&attributes, compress_kernels::dequantize_kernel<__half, 4>);
+  if (found == cudaErrorNoKernelImageForDevice || found == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // the answer, not an error for the next launch to report
+    return 0;
+  }
+  C10_CUDA_CHECK(found);
+  return attributes.binaryVersion;
+}
+
 // Blocks of an mma_kernel instantiation that one SM of `device` holds at once (its registers
 // decide): plan_mma launches no more than one wave of them. Cached per kernel and device, since
 // the query reads the kernel's attributes on every call.
@@ -404,6 +424,7 @@ TORCH_LIBRARY(compress_cuda, m) {
       "bool bfloat16, int splits=0, bool? sum_in_kernel=None) -> int[]",
       &mma_plan);
   m.def("split_k_counter_sets() -> int[]", &split_k_counter_sets);
+  m.def("kernel_architecture() -> int", &kernel_architecture);
 }
 
 TORCH_LIBRARY_IMPL(compress_cuda, CUDA, m) {

@@ -25,25 +25,54 @@ fi
 rm -f compress/_cuda_ext*.so
 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace
 SO=$(ls compress/_cuda_ext*.so)
+trap 'rm -f "$SO"' EXIT
 "$VENV/bin/python" - "$SO" <<'PY'
 import sys
 
 import torch
 
 torch.ops.load_library(sys.argv[1])
-for op in ("gemv", "mma_gemm", "dequantize", "mma_plan", "split_k_counter_sets"):
+ops = ("gemv", "mma_gemm", "dequantize", "mma_plan", "split_k_counter_sets", "kernel_architecture")
+for op in ops:
     schema = getattr(torch.ops.compress_cuda, op).default._schema
     print(f"registered: {schema}")
     if op in ("mma_gemm", "mma_plan"):  # benchmarks/kernel.py --sweep-splits passes these
         last = [(a.name, a.default_value) for a in schema.arguments[-2:]]
         assert last == [("splits", 0), ("sum_in_kernel", None)], f"{op}: overrides are {last}"
 PY
+TOOLS=false
+"${PIP[@]}" install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm && TOOLS=true
+# What the library carries: machine code and PTX for exactly the targets compress/cuda_build.py
+# names (sm_80, sm_90, sm_90's PTX unless TORCH_CUDA_ARCH_LIST says otherwise).
+if $TOOLS; then
+    "$VENV/bin/python" - "$SO" <<'PY'
+import os
+import re
+import subprocess
+import sys
+
+sys.path[:0] = ["benchmarks", "compress"]
+import cuda_build
+from kernel_sass import find_tool
+
+targets = cuda_build.prebuilt_targets(os.environ)
+listed = subprocess.run(
+    [find_tool("cuobjdump"), "--list-elf", "--list-ptx", sys.argv[1]],
+    capture_output=True, text=True, check=True,
+).stdout
+elf = sorted(set(re.findall(r"\.sm_(\w+)\.cubin", listed)))
+ptx = sorted(set(re.findall(r"\.sm_(\w+)\.ptx", listed)))
+print(f"machine code for sm_{', sm_'.join(elf)}; PTX for sm_{', sm_'.join(ptx) or '(none)'}")
+assert elf == sorted(t.name for t in targets), f"machine code {elf}, targets {targets}"
+assert ptx == sorted(t.name for t in targets if t.ptx), f"PTX {ptx}, targets {targets}"
+PY
+fi
 rm -f "$SO"
 # The kernels' machine code: main-loop instructions per weight, no spills, decode steps no
 # costlier on the tensor cores than on the GEMV (benchmarks/kernel_sass.py --check).
-if "${PIP[@]}" install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm; then
+if $TOOLS; then
     "$VENV/bin/python" benchmarks/kernel_sass.py --check
 else
-    echo "kernel machine-code check SKIPPED: cuobjdump / nvdisasm are not installable here"
+    echo "kernel machine-code and target checks SKIPPED: cuobjdump / nvdisasm are not installable here"
 fi
 echo "cuda build check PASSED: cuda_ext compiles with nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') against torch $TORCH_CUDA_VERSION"

@@ -51,6 +51,21 @@ def kernels_built():
     assert cuda_ops.load(), "cuda_ext kernels failed to build or load (see the log)"
 
 
+def test_every_visible_device_runs_the_kernels_machine_code():
+    """The library holds code each sm_80+ device runs, and says which: of the device's major
+    architecture and at most its own (80 or 86 on an 8.6 GPU, 90 on an H100). A device
+    before sm_80 runs none. cuda_ops.runs_on agrees."""
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        with torch.cuda.device(index):
+            architecture = torch.ops.compress_cuda.kernel_architecture()
+        if (major, minor) < (8, 0):
+            assert architecture == 0 and not cuda_ops.runs_on(torch.device("cuda", index))
+            continue
+        assert architecture // 10 == major and architecture <= 10 * major + minor, architecture
+        assert cuda_ops.runs_on(torch.device("cuda", index))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "spec", SCHEMES, ids=lambda s: f"int{s.bits}-g{s.group_size}-{s.symmetric}"

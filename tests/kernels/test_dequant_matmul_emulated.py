@@ -418,7 +418,7 @@ def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
     )
     monkeypatch.setattr(torch.ops, "compress_cuda", ops)
     monkeypatch.setattr(cuda_ops, "load", lambda: True)
-    monkeypatch.setattr(kernels, "_has_mma", lambda device: True)
+    monkeypatch.setattr(cuda_ops, "runs_on", lambda device: True)
     return calls
 
 
@@ -511,3 +511,24 @@ def test_cuda_dispatch_remakes_operands_for_another_scale_tensor(emulated_cuda_o
     first = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
     got = _dequant_matmul_cuda(x, weight_packed, doubled, zero, 4, 64, k)
     torch.testing.assert_close(got.float(), 2 * first.float(), rtol=2e-3, atol=1e-3)
+
+
+def test_cuda_dispatch_keeps_the_pure_pytorch_path_on_a_device_the_kernels_do_not_run_on(
+    emulated_cuda_ops, monkeypatch
+):
+    """A GPU the loaded library holds no code for (before sm_80, or a build for other GPUs:
+    cuda_ops.runs_on says no) gets the pure-PyTorch product, not a failed launch. The device
+    is asked once per state of the weight, and the op's checks still run."""
+    asked = []
+    monkeypatch.setattr(cuda_ops, "runs_on", lambda device: asked.append(device) or False)
+    n, k, spec = 24, 256, QuantSpec(4, 64, False)
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, torch.float32, seed=10)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(10)).half()
+    for _ in range(2):
+        got = _dequant_matmul_cuda(x, weight_packed, scale, zero, 4, 64, k)
+        assert got.shape == (3, n) and got.dtype == torch.float16
+        expected = x.float() @ reference.t()
+        assert float((got.float() - expected).norm() / expected.norm()) < REL_TOL[torch.float16]
+    assert emulated_cuda_ops == [] and asked == [weight_packed.device]
+    with pytest.raises(ValueError, match=r"x has 128 features.*x \(1, 128\)"):
+        _dequant_matmul_cuda(torch.randn(1, 128).half(), weight_packed, scale, zero, 4, 64, k)
