@@ -1,13 +1,14 @@
 """Dequantize-matmul kernel speed on Llama-3-8B layer shapes (needs a CUDA GPU).
 
 For each (K, N) of Llama-3-8B's projections and M ∈ {1, 4, 16, 64}: our op's time
-(`compress::dequant_matmul`, which picks a cuda_ext kernel by M), FP16 cuBLAS (`torch.matmul`
-on the dense weight), dequantize + cuBLAS, the speedup over FP16, the achieved bandwidth
-(packed weight + scales + activations + output bytes over time) and its share of the device's
-copy bandwidth, measured in the same run with a large device-to-device copy. The GEMV
-(M ≤ 16) and tensor-core (M ≤ 64) kernels are also timed on their own, so that the row
-limits in compress/kernels.py can be set from one run, and the tensor-core kernel's grid is
-shown (blocks of 128 rows × splits of K, and how much of one wave of the SMs they fill).
+(`compress::dequant_matmul`, which picks a cuda_ext kernel by M), cuBLAS on the dense FP16
+(or BF16) weight (`torch.matmul`), dequantize + cuBLAS, the speedup over the dense product, the
+achieved bandwidth (packed weight + scales + activations + output bytes over time) and its
+share of the device's copy bandwidth, measured in the same run with a large device-to-device
+copy. The GEMV (M ≤ 16) and tensor-core (M ≤ 64) kernels are also timed on their own, so that
+the row limits in compress/kernels.py can be set from one run, and the tensor-core kernel's
+grid is shown (blocks of 128 rows × splits of K, and how much of one wave of the SMs they
+fill).
 
 `--sweep-splits` times the tensor-core kernel instead at every split of K in 1, 2, 4, … 64
 (as many as K has chunks for) beside the plan's own choice, each split with its partial sums
@@ -48,6 +49,9 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
 ROWS = (1, 4, 16, 64)
 # The splits of K --sweep-splits tries (besides the plan's), where K has that many chunks.
 SWEEP_SPLITS = (1, 2, 4, 8, 16, 32, 64)
+# The weights timed here are fresh allocations (16-byte aligned rows) on a GPU the kernels run
+# on (main checks cuda_ops.runs_on; every such GPU is sm_80+): the tensor cores can read them.
+MMA_CAPABLE = True
 
 
 # How each measurement ran: "graph" while every capture succeeded, else "eager".
@@ -105,17 +109,16 @@ def measure(
     x: torch.Tensor,
     op_args: list[tuple],
     dense: list[torch.Tensor],
-    mma_capable: bool,
     args: argparse.Namespace,
 ) -> dict[str, float | None]:
-    """Milliseconds per call: our op, FP16 cuBLAS on the dense weight, dequantize + cuBLAS,
+    """Milliseconds per call: our op, cuBLAS on the dense weight, dequantize + cuBLAS,
     and each of our kernels where it takes this many rows (None where not). `op_args` and
     `dense` are copies of one weight, rotated through."""
     timing = (args.warmup, args.iters, args.repeats)
     ops = torch.ops.compress_cuda
     rows = x.shape[0]
     # The tensor-core kernel takes these shapes if the op would send it its largest M.
-    mma_shapes = cuda_path(CUDA_MMA_MAX_ROWS, *op_args[0][3:], mma_capable=mma_capable) == "mma"
+    mma_shapes = cuda_path(CUDA_MMA_MAX_ROWS, *op_args[0][3:], mma_capable=MMA_CAPABLE) == "mma"
     mma_ok = mma_shapes and rows <= CUDA_MMA_MAX_ROWS
 
     def each(call: Callable[..., object]) -> list[Callable[[], object]]:
@@ -189,16 +192,15 @@ def operand_copies(packed: PackedWeight, args: argparse.Namespace, k: int) -> tu
     return op_args, weight_bytes
 
 
-def kernel_table(
-    spec: QuantSpec, dtype: torch.dtype, mma_capable: bool, args: argparse.Namespace
-) -> list[str]:
+def kernel_table(spec: QuantSpec, dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
     """The measured copy bandwidth and the table: each path's µs per shape and M."""
     peak = copy_bandwidth_gbs(args)
+    dense_name = "FP16" if dtype == torch.float16 else "BF16"
     lines = [
         f"Measured copy bandwidth: {peak:.0f} GB/s.",
         "",
-        "| K×N | M | path | ours (µs) | FP16 cuBLAS (µs) | dequant + cuBLAS (µs) "
-        "| speedup vs FP16 | GB/s | % of copy bw | GEMV (µs) | tensor cores (µs) "
+        f"| K×N | M | path | ours (µs) | {dense_name} cuBLAS (µs) | dequant + cuBLAS (µs) "
+        f"| speedup vs {dense_name} | GB/s | % of copy bw | GEMV (µs) | tensor cores (µs) "
         "| tensor-core grid |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -212,8 +214,8 @@ def kernel_table(
         denses = [dense.clone() for _ in range(copies_for(dense.numel() * dense.element_size()))]
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            t = measure(x, op_args, denses, mma_capable, args)
-            path = cuda_path(m, *op_args[0][3:], mma_capable=mma_capable)
+            t = measure(x, op_args, denses, args)
+            path = cuda_path(m, *op_args[0][3:], mma_capable=MMA_CAPABLE)
             moved = weight_bytes + (m * k + m * n) * x.element_size()
             gbs = moved / (t["ours"] * 1e-3) / 1e9
             lines.append(
@@ -240,9 +242,7 @@ def time_mma(
     return time_ms(calls, args.warmup, args.iters, args.repeats)
 
 
-def sweep_splits(
-    spec: QuantSpec, dtype: torch.dtype, mma_capable: bool, args: argparse.Namespace
-) -> list[str]:
+def sweep_splits(spec: QuantSpec, dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
     """Table rows: the tensor-core kernel's µs at each split of K (summed by the last block
     and by a second kernel) against the plan's choice."""
     lines = [
@@ -252,7 +252,7 @@ def sweep_splits(
     ]
     for k, n in SHAPES:
         op_args, _ = operand_copies(make_weight(k, n, spec, dtype), args, k)
-        if cuda_path(CUDA_MMA_MAX_ROWS, *op_args[0][3:], mma_capable=mma_capable) != "mma":
+        if cuda_path(CUDA_MMA_MAX_ROWS, *op_args[0][3:], mma_capable=MMA_CAPABLE) != "mma":
             lines.append(f"| {k}×{n} | – | the tensor-core kernel does not take this shape |")
             continue
         for m in ROWS:
@@ -303,16 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     spec = QuantSpec(args.bits, args.group_size, not args.asymmetric)
-    mma_capable = torch.cuda.get_device_capability() >= (8, 0)
+    if not cuda_ops.runs_on(torch.device("cuda", torch.cuda.current_device())):
+        sys.stderr.write("the cuda_ext kernels hold no code this GPU runs (see the log)\n")
+        return 1
     title = (
         f"## {'mma_gemm splits of K' if args.sweep_splits else 'dequant_matmul'}: "
         f"INT{args.bits} g{args.group_size} {'asym' if args.asymmetric else 'sym'}, "
         f"{args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}"
     )
     if args.sweep_splits:
-        lines = sweep_splits(spec, dtype, mma_capable, args)
+        lines = sweep_splits(spec, dtype, args)
     else:
-        lines = kernel_table(spec, dtype, mma_capable, args)
+        lines = kernel_table(spec, dtype, args)
     timing = " and ".join(sorted(TIMING_MODES))
     lines[:0] = [
         title,
