@@ -2,6 +2,8 @@
 # Proves cuda_ext/ compiles through setup.py: builds it against a CUDA torch (torch 2.14.1, CUDA
 # 13.0) with nvcc, in a virtual environment of its own (.cuda-build-venv), and loads the result
 # to check that its ops register. Needs no GPU. The machine's CPU venv (.venv) is not touched.
+# TORCH_CUDA_VERSION and CUDA_BUILD_VENV pick another torch and venv (e.g. 2.11.0, the GPU
+# machine's, in /tmp/venv211: PyPI's 2.11.0 wheel is the CUDA 13.0 build).
 #
 # Skips (exit 0, saying why) when nvcc or the CUDA torch is not available here; a compile or
 # load failure fails (exit 1).
