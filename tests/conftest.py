@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -36,6 +40,35 @@ def eval_data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"offline benchmark data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def _demo_model_loaded(demo_gguf: Path) -> tuple[nn.Module, Any]:
+    from compress.models import load_model, resolve_source
+    from compress.recipe import ModelConfig
+
+    return load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "float32")
+
+
+@pytest.fixture(scope="session")
+def demo_model(_demo_model_loaded) -> Callable[[str], tuple[nn.Module, Any]]:
+    """`demo_model(dtype)`: a fresh copy of (model, tokenizer) as `load_model` gives them.
+
+    The GGUF is loaded once per session because a load costs about 13 s on 2 cores
+    (transformers parses the file three times: config, tokenizer, tensors) and several slow
+    tests need the model. Casting the float32 load gives the very tensors a bfloat16 load
+    gives, since the GGUF blocks are dequantized in float32 either way;
+    test_load_matches_in_memory_quantized_model checks that on every run."""
+    from compress.models import DTYPES
+
+    model, tokenizer = _demo_model_loaded
+
+    def fresh(dtype: str = "float32") -> tuple[nn.Module, Any]:
+        copied = copy.deepcopy(model).to(DTYPES[dtype])
+        copied.config.dtype = DTYPES[dtype]  # what load_model(dtype) would have recorded
+        return copied, copy.deepcopy(tokenizer)
+
+    return fresh
 
 
 @pytest.fixture(scope="session")

@@ -105,15 +105,12 @@ def test_compress_run_on_demo_model(tmp_path, demo_gguf, eval_data_dir):
     assert verify.returncode == 0, verify.stderr
 
 
-def test_rtn_quality_on_demo_model(demo_gguf):
+def test_rtn_quality_on_demo_model(demo_model):
     """INT8 per channel is nearly lossless; INT4 g64 loses what RTN is known to lose."""
-    from compress.models import load_model, resolve_source
     from compress.quant.config import QuantizeConfig
-    from compress.recipe import ModelConfig
     from compress.registry import StageContext, handler_for
 
-    resolved = resolve_source(ModelConfig(source=DEMO_SOURCE))
-    model, tokenizer = load_model(resolved, "float32")
+    model, tokenizer = demo_model("float32")
     windows = _wikitext_windows(tokenizer, count=2, length=128)
     with torch.no_grad():
         baseline = model(windows).logits
@@ -122,7 +119,7 @@ def test_rtn_quality_on_demo_model(demo_gguf):
         QuantizeConfig(bits=8, group_size=-1, symmetric=True),
         QuantizeConfig(bits=4, group_size=64, symmetric=False),
     ):
-        model, _ = load_model(resolved, "float32")
+        model, _ = demo_model("float32")
         handler_for(config).apply(model, config, StageContext(dtype="float32"))
         with torch.no_grad():
             measured[config.scheme] = _kl_and_agreement(baseline, model(windows).logits)
@@ -134,7 +131,7 @@ def test_rtn_quality_on_demo_model(demo_gguf):
     assert kl8 < kl4 < 0.6 and agree4 > 0.55
 
 
-def test_load_matches_in_memory_quantized_model(tmp_path, demo_gguf):
+def test_load_matches_in_memory_quantized_model(tmp_path, demo_model):
     from compress.artifact import save_artifact
     from compress.models import load_model, resolve_source
     from compress.quant.config import QuantizeConfig
@@ -142,6 +139,14 @@ def test_load_matches_in_memory_quantized_model(tmp_path, demo_gguf):
     from compress.registry import StageContext, handler_for
 
     model, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "bfloat16")
+    # The premise of the demo_model fixture the other slow tests use: its bfloat16 copy is
+    # exactly this load.
+    cast, _ = demo_model("bfloat16")
+    assert cast.config.dtype == model.config.dtype == torch.bfloat16
+    loaded_state, cast_state = model.state_dict(), cast.state_dict()
+    assert loaded_state.keys() == cast_state.keys()
+    assert all(torch.equal(loaded_state[k], cast_state[k]) for k in loaded_state)
+    del cast, cast_state
     config = QuantizeConfig(bits=4, group_size=64, symmetric=False)
     handler_for(config).apply(model, config, StageContext(dtype="bfloat16"))
     path = save_artifact(

@@ -24,11 +24,9 @@ from compress.artifact import load_artifact, save_artifact
 from compress.calibration import evaluation_windows, load_text
 from compress.evaluate.quality import window_stats
 from compress.kernels import cpu_kernel
-from compress.models import load_model, resolve_source
 from compress.quant.config import QuantizeConfig
-from compress.recipe import ModelConfig
 from compress.registry import StageContext, handler_for
-from tests.conftest import DEMO_SOURCE, SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
 
@@ -41,11 +39,11 @@ WIKITEXT = SHARED_DATA / "wikitext-2"
 
 
 @pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
+def demo_export(tmp_path_factory, demo_model):
     if not (WIKITEXT / "test.txt").is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
     root = tmp_path_factory.mktemp("demo-onnx")
-    model, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "bfloat16")
+    model, tokenizer = demo_model("bfloat16")
     window = evaluation_windows(
         load_text(str(WIKITEXT / "test.txt"), field="test"), tokenizer, 128, 1
     )

@@ -22,11 +22,10 @@ from transformers import AutoModelForCausalLM
 from compress.artifact import save_artifact
 from compress.calibration import calibration_batches, evaluation_windows, load_text
 from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
-from compress.models import load_model, resolve_source
 from compress.prune.config import PruneConfig
-from compress.recipe import CalibrationConfig, ModelConfig
+from compress.recipe import CalibrationConfig
 from compress.registry import StageContext, handler_for
-from tests.conftest import DEMO_SOURCE, SHARED_DATA
+from tests.conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +41,10 @@ class DemoInputs:
     baseline: BaselineLogProbs
 
 
-def _demo_inputs(samples: int, seq_len: int) -> DemoInputs:
+def _demo_inputs(demo_model, samples: int, seq_len: int) -> DemoInputs:
     if not (WIKITEXT / "valid.txt").is_file():
         pytest.skip(f"WikiText-2 not found at {WIKITEXT}")
-    model, tokenizer = load_model(resolve_source(ModelConfig(source=DEMO_SOURCE)), "float32")
+    model, tokenizer = demo_model("float32")
     calibration = CalibrationConfig(
         path=str(WIKITEXT / "valid.txt"), num_samples=samples, seq_len=seq_len
     )
@@ -61,8 +60,8 @@ def _demo_inputs(samples: int, seq_len: int) -> DemoInputs:
     )
 
 
-def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_path, demo_gguf):
-    inputs = _demo_inputs(samples=4, seq_len=256)
+def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_path, demo_model):
+    inputs = _demo_inputs(demo_model, samples=4, seq_len=256)
     model, tokenizer, held_out, baseline = (
         inputs.model, inputs.tokenizer, inputs.held_out, inputs.baseline,
     )  # fmt: skip
@@ -98,12 +97,12 @@ def test_pruned_demo_model_is_standard_and_activation_scores_beat_magnitude(tmp_
         assert torch.equal(stock(ids).logits, best(ids).logits)
 
 
-def test_distillation_recovers_a_pruned_demo_model(demo_gguf):
+def test_distillation_recovers_a_pruned_demo_model(demo_model):
     """A few steps on the real model (loaded from GGUF, which transformers marks quantized)
     lower the KL divergence that pruning added, on held-out text."""
     from compress.distill.config import DistillConfig
 
-    inputs = _demo_inputs(samples=8, seq_len=128)
+    inputs = _demo_inputs(demo_model, samples=8, seq_len=128)
     teacher, held_out, baseline = inputs.model, inputs.held_out, inputs.baseline
     context = StageContext(
         dtype="float32",
