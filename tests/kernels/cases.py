@@ -21,6 +21,19 @@ SCHEMES = [
     QuantSpec(8, PER_CHANNEL, False),
 ]
 
+# Group sizes the six SCHEMES leave out, each on one shape (N, K): INT4 g256 (a group spans
+# two chunks: scales per chunk), INT4 g96 and INT8 g48 (groups that straddle chunks: scales on
+# the weights), INT8 g64 (per chunk); and groups shorter than the tensor-core kernel's slice
+# (INT4 g8, INT8 g4), which only the GEMV and dequantize take.
+MORE_SCHEMES = [
+    (QuantSpec(4, 256, False), 72, 1024),
+    (QuantSpec(4, 96, True), 40, 576),
+    (QuantSpec(8, 48, False), 40, 576),
+    (QuantSpec(8, 64, True), 136, 512),
+    (QuantSpec(4, 8, False), 13, 352),
+    (QuantSpec(8, 4, True), 13, 208),
+]
+
 
 def packed_case(
     n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int

@@ -18,7 +18,7 @@ from compress import cuda_ops
 from compress.kernels import CUDA_GEMV_MAX_ROWS, CUDA_MMA_MAX_ROWS
 from compress.quant.packing import PackedWeight
 from compress.quant.primitives import QuantSpec
-from tests.kernels.cases import SCHEMES, packed_case, same_version
+from tests.kernels.cases import MORE_SCHEMES, SCHEMES, packed_case, same_version
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,6 +74,26 @@ def test_every_visible_device_runs_the_kernels_machine_code():
 def test_matches_float32_reference(n, k, spec, dtype):
     if not spec.divides(k):
         pytest.skip(f"group {spec.group_size} does not divide K={k}")
+    packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
+    weight_packed, scale, zero = _on_gpu(packed)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        expected = x.float() @ reference.t()
+        got = OP(x.cuda(), weight_packed, scale, zero, spec.bits, spec.group_size, k).float().cpu()
+        assert torch.isfinite(got).all(), m
+        error = (got - expected).norm() / expected.norm()
+        assert error < REL_TOL[dtype], (m, float(error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("spec", "n", "k"),
+    MORE_SCHEMES,
+    ids=lambda v: f"int{v.bits}-g{v.group_size}-{v.symmetric}" if isinstance(v, QuantSpec) else v,
+)
+def test_other_group_sizes_match_float32_reference(spec, n, k, dtype):
+    """The group sizes SCHEMES leaves out, through the op at every M: groups shorter than a
+    tensor-core slice take the GEMV up to 16 rows and dequantize + cuBLAS above."""
     packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
     weight_packed, scale, zero = _on_gpu(packed)
     for m in ROWS:

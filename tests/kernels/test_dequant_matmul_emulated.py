@@ -26,7 +26,7 @@ from compress.kernels import (
 from compress.quant.config import PER_CHANNEL
 from compress.quant.primitives import QuantSpec
 from tests.kernels import cuda_emulator
-from tests.kernels.cases import SCHEMES, packed_case, same_version
+from tests.kernels.cases import MORE_SCHEMES, SCHEMES, packed_case, same_version
 
 # Every accumulator tile (1, 2, 4, 8, 16 rows), full and partly filled.
 ROWS = (1, 2, 3, 4, 7, 9, CUDA_GEMV_MAX_ROWS)
@@ -361,6 +361,42 @@ def test_dequantize_is_bit_exact(emulator, spec, dtype):
     assert_guards_intact(out_buffer, n * k)
     # (q − z)·s in float32, rounded once: what dequantize_packed computes on the CPU.
     assert torch.equal(out, reference.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("spec", "n", "k"), MORE_SCHEMES, ids=lambda v: spec_id(v) if isinstance(v, QuantSpec) else v
+)
+def test_other_group_sizes_match_the_reference_on_every_kernel(emulator, spec, n, k, dtype):
+    (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=n + k)
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+    runs = [("gemv", m) for m in (1, 7, CUDA_GEMV_MAX_ROWS)]
+    tensor_cores = spec.group_size % kernels.mma_slice(spec.bits) == 0
+    if tensor_cores:
+        runs += [("mma_gemm", m) for m in (1, 16, 33, CUDA_MMA_MAX_ROWS)]
+    splits, scale_modes = set(), set()
+    for kernel, m in runs:
+        gen = torch.Generator().manual_seed(m)
+        x, _ = guarded(torch.randn(m, k, generator=gen).to(dtype))
+        out, out_buffer = guarded(torch.full((m, n), float("nan"), dtype=dtype))
+        if kernel == "gemv":
+            emulator.gemv(x, *args, out=out)
+        else:
+            emulator.mma_gemm(x, *args, out=out, sm_count=2)  # a small device: K is split
+            splits.add(emulator.last_splits)
+            scale_modes.add(emulator.last_scales)
+        assert_guards_intact(out_buffer, m * n)
+        assert torch.isfinite(out).all(), f"{kernel} M={m}: outputs not written"
+        expected = x.float() @ reference.t()
+        error = float((out.float() - expected).norm() / expected.norm())
+        assert error < REL_TOL[dtype], (kernel, m, error)
+    if tensor_cores:
+        assert max(splits) > 1, splits
+        assert scale_modes == expected_scale_modes(spec), scale_modes
+    dequantized, buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
+    emulator.dequantize(*args, out=dequantized)
+    assert_guards_intact(buffer, n * k)
+    assert torch.equal(dequantized, reference.to(dtype))
 
 
 @pytest.mark.parametrize("divisor", [1, 2, 3, 4, 7, 18, 96, 128, 448, 4095])
