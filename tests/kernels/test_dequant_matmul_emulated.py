@@ -433,6 +433,16 @@ def test_emulator_reports_a_misaligned_vector_load(emulator):
         emulator.gemv(misaligned, weight_packed, scale, zero, 4, 128, k)
 
 
+def test_emulator_refuses_what_the_cuda_op_refuses_before_launching(emulator):
+    """An INT4 group of 24 is no multiple of the tensor-core kernel's 32-k slice; the CUDA op
+    checks that before it launches, and the emulator too, instead of reading past the weight."""
+    n, k, spec = 16, 384, QuantSpec(4, 24, True)
+    (weight_packed, scale, zero), _ = make_case(n, k, spec, torch.float16, seed=5)
+    x = torch.randn(1, k).half()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        emulator.mma_gemm(x, weight_packed, scale, zero, 4, 24, k)
+
+
 @pytest.fixture
 def emulated_cuda_ops(emulator, monkeypatch) -> list[str]:
     """`torch.ops.compress_cuda` as cuda_ops.load() provides it on an sm_80+ device, run by
