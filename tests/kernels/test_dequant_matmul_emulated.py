@@ -67,6 +67,16 @@ def assert_guards_intact(buffer: torch.Tensor, length: int) -> None:
             assert (band == -(2**31)).all(), "a kernel wrote outside its output"
 
 
+def assert_matches_reference(out, out_buffer, x, reference, what) -> None:
+    """A kernel's (M, N) output: written inside its guard bands, every element of it, and
+    within the dtype's tolerance of x · referenceᵀ in float32."""
+    assert_guards_intact(out_buffer, out.numel())
+    assert torch.isfinite(out).all(), f"{what}: outputs not written"
+    expected = x.float() @ reference.t()
+    error = float((out.float() - expected).norm() / expected.norm())
+    assert error < REL_TOL[out.dtype], (what, error)
+
+
 def make_case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
     """packed_case's operands, each inside guard bands, and the float32 reference."""
     packed, reference = packed_case(n, k, spec, dtype, seed)
@@ -91,11 +101,7 @@ def test_gemv_matches_float32_reference(emulator, spec, dtype):
             x, _ = guarded(torch.randn(m, k, generator=gen).to(dtype))
             out, out_buffer = guarded(torch.full((m, n), float("nan"), dtype=dtype))
             emulator.gemv(x, weight_packed, scale, zero, spec.bits, spec.group_size, k, out=out)
-            assert_guards_intact(out_buffer, m * n)
-            assert torch.isfinite(out).all(), f"M={m}, N={n}, K={k}: outputs not written"
-            expected = x.float() @ reference.t()
-            error = float((out.float() - expected).norm() / expected.norm())
-            assert error < REL_TOL[dtype], (m, n, k, error)
+            assert_matches_reference(out, out_buffer, x, reference, f"M={m}, N={n}, K={k}")
 
 
 # The tensor-core path: one m-tile (≤ 16 rows), two, four; full and partly filled.
@@ -139,11 +145,7 @@ def test_mma_gemm_matches_float32_reference(emulator, spec, dtype):
             )  # fmt: skip
             splits.add(emulator.last_splits)
             scale_modes.add(emulator.last_scales)
-            assert_guards_intact(out_buffer, m * n)
-            assert torch.isfinite(out).all(), f"M={m}, N={n}, K={k}: outputs not written"
-            expected = x.float() @ reference.t()
-            error = float((out.float() - expected).norm() / expected.norm())
-            assert error < REL_TOL[dtype], (m, n, k, error)
+            assert_matches_reference(out, out_buffer, x, reference, f"M={m}, N={n}, K={k}")
     assert 1 in splits and max(splits) > 1, f"single-pass and split-K plans both ran: {splits}"
     assert scale_modes == expected_scale_modes(spec), scale_modes
 
@@ -385,11 +387,7 @@ def test_other_group_sizes_match_the_reference_on_every_kernel(emulator, spec, n
             emulator.mma_gemm(x, *args, out=out, sm_count=2)  # a small device: K is split
             splits.add(emulator.last_splits)
             scale_modes.add(emulator.last_scales)
-        assert_guards_intact(out_buffer, m * n)
-        assert torch.isfinite(out).all(), f"{kernel} M={m}: outputs not written"
-        expected = x.float() @ reference.t()
-        error = float((out.float() - expected).norm() / expected.norm())
-        assert error < REL_TOL[dtype], (kernel, m, error)
+        assert_matches_reference(out, out_buffer, x, reference, f"{kernel} M={m}")
     if tensor_cores:
         assert max(splits) > 1, splits
         assert scale_modes == expected_scale_modes(spec), scale_modes
