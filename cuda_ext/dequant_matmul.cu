@@ -361,10 +361,9 @@ at::Tensor mma_gemm(const at::Tensor& x_in, const at::Tensor& weight_packed,
   check_packed(weight_packed, scale, zero_point, bits, group_size, in_features);
   check_activations("mma_gemm", x_in, weight_packed, scale, in_features, kMmaMaxRows);
   const auto overrides = plan_overrides("mma_gemm", splits, sum_in_kernel);
-  const int64_t slice = bits == 4 ? compress_kernels::mma_slice_k<4>()
-                                  : compress_kernels::mma_slice_k<8>();
+  const int64_t slice = compress_kernels::mma_slice_k_of(bits);
   const int64_t group_len = group_size == -1 ? in_features : group_size;
-  TORCH_CHECK(in_features % slice == 0 && group_len % slice == 0,
+  TORCH_CHECK(compress_kernels::mma_takes_shape(in_features, group_len, bits),
               "compress_cuda.mma_gemm: in_features ", in_features, " and group size ", group_len,
               " must be multiples of ", slice, " for INT", bits);
   TORCH_CHECK(in_features / slice < (1 << 20), "compress_cuda.mma_gemm: in_features ",

@@ -465,6 +465,17 @@ constexpr int mma_slice_k() {
   return 4 * (32 / BITS);
 }
 
+// The same for bits known only at run time (4 or 8).
+inline int mma_slice_k_of(int bits) { return bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>(); }
+
+// Whether mma_gemm can take a weight: K and the group size whole slices. Its callers (the
+// CUDA op, the emulator) refuse other shapes before launching, where the kernel would read
+// past its operands.
+inline bool mma_takes_shape(int64_t K, int64_t group_len, int bits) {
+  const int slice_k = mma_slice_k_of(bits);
+  return K % slice_k == 0 && group_len % slice_k == 0;
+}
+
 // Where the tensor-core kernel applies the scales; plan_mma picks one per launch.
 //   kWeights: to every dequantized pair (a paired multiply per two weights), any group size.
 //   kChunk: a chunk's four slices lie in one group (the group a multiple of the chunk's k):
@@ -920,7 +931,7 @@ struct MmaKernelChoice {
 inline MmaKernelChoice choose_mma_kernel(int M, int K, int group_len, int bits) {
   MmaKernelChoice choice{};
   choice.m_rows = M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;
-  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const int slice_k = mma_slice_k_of(bits);
   const bool chunk_in_one_group = group_len % (4 * slice_k) == 0;
   if (group_len == K) choice.scales = ScaleMode::kEnd;
   else if (chunk_in_one_group && choice.m_rows <= chunk_scale_max_rows(bits)) choice.scales = ScaleMode::kChunk;
@@ -1022,7 +1033,7 @@ inline MmaPlan plan_mma(const MmaKernelChoice& kernel, int M, int N, int K, int 
   plan.kernel = kernel;
   plan.blocks_per_sm = blocks_per_sm;
   plan.blocks_n = (N + kMmaRowsPerBlock - 1) / kMmaRowsPerBlock;
-  const int slice_k = bits == 4 ? mma_slice_k<4>() : mma_slice_k<8>();
+  const int slice_k = mma_slice_k_of(bits);
   const int chunks = (K / slice_k + 3) / 4;
   const int splits = overrides.splits > 0
                          ? (overrides.splits < chunks ? overrides.splits : chunks)
@@ -1054,8 +1065,8 @@ struct MmaOperands {
   int group_len;
 };
 
-// Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes (K and the
-// group size multiples of mma_slice_k<BITS>()), that x and the packed rows are 16-byte
+// Tensor-core GEMM for 1 ≤ M ≤ kMmaMaxRows. The caller has checked the shapes
+// (mma_takes_shape), that x and the packed rows are 16-byte
 // aligned, allocated plan.workspace_floats floats of workspace and, where plan.sum_in_kernel,
 // passes kMaxTileCounters counters that are zeros (they are again when the kernel is done);
 // no two launches in flight at once may share them.

@@ -46,6 +46,20 @@ def _on_gpu(packed: PackedWeight) -> tuple:
     )
 
 
+def assert_op_matches_reference_at_every_m(spec: QuantSpec, n: int, k: int, dtype) -> None:
+    """compress::dequant_matmul on a fresh (n, k) weight, at every M of ROWS, within the
+    dtype's tolerance of dequantize-then-matmul in float32."""
+    packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
+    weight_packed, scale, zero = _on_gpu(packed)
+    for m in ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        expected = x.float() @ reference.t()
+        got = OP(x.cuda(), weight_packed, scale, zero, spec.bits, spec.group_size, k).float().cpu()
+        assert torch.isfinite(got).all(), m
+        error = (got - expected).norm() / expected.norm()
+        assert error < REL_TOL[dtype], (m, float(error))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def kernels_built():
     assert cuda_ops.load(), "cuda_ext kernels failed to build or load (see the log)"
@@ -74,15 +88,7 @@ def test_every_visible_device_runs_the_kernels_machine_code():
 def test_matches_float32_reference(n, k, spec, dtype):
     if not spec.divides(k):
         pytest.skip(f"group {spec.group_size} does not divide K={k}")
-    packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
-    weight_packed, scale, zero = _on_gpu(packed)
-    for m in ROWS:
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-        expected = x.float() @ reference.t()
-        got = OP(x.cuda(), weight_packed, scale, zero, spec.bits, spec.group_size, k).float().cpu()
-        assert torch.isfinite(got).all(), m
-        error = (got - expected).norm() / expected.norm()
-        assert error < REL_TOL[dtype], (m, float(error))
+    assert_op_matches_reference_at_every_m(spec, n, k, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -94,15 +100,7 @@ def test_matches_float32_reference(n, k, spec, dtype):
 def test_other_group_sizes_match_float32_reference(spec, n, k, dtype):
     """The group sizes SCHEMES leaves out, through the op at every M: groups shorter than a
     tensor-core slice take the GEMV up to 16 rows and dequantize + cuBLAS above."""
-    packed, reference = packed_case(n, k, spec, dtype, seed=n + k)
-    weight_packed, scale, zero = _on_gpu(packed)
-    for m in ROWS:
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-        expected = x.float() @ reference.t()
-        got = OP(x.cuda(), weight_packed, scale, zero, spec.bits, spec.group_size, k).float().cpu()
-        assert torch.isfinite(got).all(), m
-        error = (got - expected).norm() / expected.norm()
-        assert error < REL_TOL[dtype], (m, float(error))
+    assert_op_matches_reference_at_every_m(spec, n, k, dtype)
 
 
 @pytest.mark.parametrize(

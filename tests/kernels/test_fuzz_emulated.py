@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from tests.kernels import cuda_emulator, fuzz_emulated
+from tests.kernels import test_dequant_matmul_emulated as emulated
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,7 +27,7 @@ def test_a_short_search_passes_and_says_what_it_ran(caplog):
 
 def test_a_wrong_reference_is_reported_as_failures(monkeypatch, caplog):
     # Tolerances no fp16 / bf16 output meets: every matmul case must be reported.
-    monkeypatch.setattr(fuzz_emulated, "REL_TOL", dict.fromkeys(fuzz_emulated.REL_TOL, 0.0))
+    monkeypatch.setattr(emulated, "REL_TOL", dict.fromkeys(emulated.REL_TOL, 0.0))
     with caplog.at_level(logging.INFO, logger="fuzz_emulated"):
         assert fuzz_emulated.main(["--cases", "8", "--seed", "1"]) == 1
     assert "FAILED" in caplog.text

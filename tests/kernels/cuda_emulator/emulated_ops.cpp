@@ -76,13 +76,9 @@ extern "C" const char* emulated_mma_gemm(int dtype, int bits, const void* x,
                                          int* splits, int* scales, int* summed_in_kernel) {
   static std::vector<int> tile_counters(compress_kernels::kMaxTileCounters, 0);
   return run([&](cuda_emu::Stream stream) {
-    // The CUDA op refuses these shapes before it launches (compress_cuda.mma_gemm's checks);
-    // launched anyway, the kernel reads past its operands.
-    const int slice_k = bits == 4 ? compress_kernels::mma_slice_k<4>()
-                                  : compress_kernels::mma_slice_k<8>();
-    if (K % slice_k != 0 || group_len % slice_k != 0) {
+    if (!compress_kernels::mma_takes_shape(K, group_len, bits)) {  // as the CUDA op refuses
       *stream.error = "mma_gemm: K and the group size must be multiples of " +
-                      std::to_string(slice_k);
+                      std::to_string(compress_kernels::mma_slice_k_of(bits));
       return;
     }
     const auto choice = compress_kernels::choose_mma_kernel(M, K, group_len, bits);
