@@ -260,11 +260,17 @@ def mma_slice(bits: int) -> int:
     return 4 * (32 // bits)
 
 
-def cuda_path(rows: int, bits: int, group_size: int, in_features: int, *, mma_capable: bool) -> str:
-    """The cuda_ext kernel for `rows` activation rows: "gemv", "mma" or "dequantize"."""
+def mma_takes_shape(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the tensor-core GEMM can read the weight: K and the group whole slices (the
+    rule of mma_takes_shape in cuda_ext/dequant_matmul_kernels.cuh, which the op checks)."""
     group_len = in_features if group_size == PER_CHANNEL else group_size
     slice_k = mma_slice(bits)
-    mma = mma_capable and in_features % slice_k == 0 and group_len % slice_k == 0
+    return in_features % slice_k == 0 and group_len % slice_k == 0
+
+
+def cuda_path(rows: int, bits: int, group_size: int, in_features: int, *, mma_capable: bool) -> str:
+    """The cuda_ext kernel for `rows` activation rows: "gemv", "mma" or "dequantize"."""
+    mma = mma_capable and mma_takes_shape(bits, group_size, in_features)
     if 0 < rows <= CUDA_GEMV_ROWS or (0 < rows <= CUDA_GEMV_MAX_ROWS and not mma):
         return "gemv"
     if mma and 0 < rows <= CUDA_MMA_MAX_ROWS:

@@ -31,7 +31,7 @@ from compress.quant.config import PER_CHANNEL
 from compress.quant.primitives import QuantSpec
 from tests.kernels import cuda_emulator
 from tests.kernels.test_dequant_matmul_emulated import (
-    assert_guards_intact,
+    assert_dequantizes_bit_exact,
     assert_matches_reference,
     guarded,
     make_case,
@@ -67,7 +67,7 @@ def draw(rng: random.Random) -> Case:
     unit = slice_k if group == PER_CHANNEL else math.lcm(group, 32 if bits == 4 else 16)
     k = unit * rng.randint(1, max(1, 2048 // unit))
     kernel = rng.choice(("gemv", "mma_gemm", "mma_gemm", "dequantize"))
-    if kernel == "mma_gemm" and (group != PER_CHANNEL and group % slice_k):
+    if kernel == "mma_gemm" and not kernels.mma_takes_shape(bits, group, k):
         kernel = "gemv"  # the tensor-core kernel refuses groups shorter than its slice
     dtype = rng.choice((torch.float16, torch.bfloat16))
     m = rng.randint(1, CUDA_MMA_MAX_ROWS if kernel == "mma_gemm" else CUDA_GEMV_MAX_ROWS)
@@ -90,10 +90,7 @@ def check(emulator: cuda_emulator.EmulatedKernels, case: Case, seed: int) -> Non
     (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=seed)
     args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
     if case.kernel == "dequantize":
-        out, buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
-        emulator.dequantize(*args, out=out)
-        assert_guards_intact(buffer, n * k)
-        assert torch.equal(out, reference.to(dtype)), "not bit-exact"
+        assert_dequantizes_bit_exact(emulator, args, reference, dtype)
         return
     x, _ = guarded(torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype))
     out, buffer = guarded(torch.full((m, n), float("nan"), dtype=dtype))

@@ -77,6 +77,17 @@ def assert_matches_reference(out, out_buffer, x, reference, what) -> None:
     assert error < REL_TOL[out.dtype], (what, error)
 
 
+def assert_dequantizes_bit_exact(emulator, args, reference, dtype) -> None:
+    """The dequantize kernel on `args` (packed, scale, zero, bits, group size, K) writes
+    inside its guard bands exactly (q − z)·s in float32 rounded once to dtype: what
+    dequantize_packed computes on the CPU."""
+    n, k = reference.shape
+    out, buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
+    emulator.dequantize(*args, out=out)
+    assert_guards_intact(buffer, n * k)
+    assert torch.equal(out, reference.to(dtype)), "not bit-exact"
+
+
 def make_case(n: int, k: int, spec: QuantSpec, dtype: torch.dtype, seed: int):
     """packed_case's operands, each inside guard bands, and the float32 reference."""
     packed, reference = packed_case(n, k, spec, dtype, seed)
@@ -126,7 +137,7 @@ def expected_scale_modes(spec: QuantSpec) -> set[str]:
 
 def mma_runs(spec: QuantSpec, shape: tuple[int, int, int]) -> bool:
     k = shape[1]
-    return spec.divides(k) and k % kernels.mma_slice(spec.bits) == 0
+    return spec.divides(k) and kernels.mma_takes_shape(spec.bits, spec.group_size, k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -358,11 +369,8 @@ def test_mma_gemm_with_a_one_wave_plan_matches_the_reference(emulator):
 def test_dequantize_is_bit_exact(emulator, spec, dtype):
     n, k = 37, 384
     (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=7)
-    out, out_buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
-    emulator.dequantize(weight_packed, scale, zero, spec.bits, spec.group_size, k, out=out)
-    assert_guards_intact(out_buffer, n * k)
-    # (q − z)·s in float32, rounded once: what dequantize_packed computes on the CPU.
-    assert torch.equal(out, reference.to(dtype))
+    args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
+    assert_dequantizes_bit_exact(emulator, args, reference, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -373,7 +381,7 @@ def test_other_group_sizes_match_the_reference_on_every_kernel(emulator, spec, n
     (weight_packed, scale, zero), reference = make_case(n, k, spec, dtype, seed=n + k)
     args = (weight_packed, scale, zero, spec.bits, spec.group_size, k)
     runs = [("gemv", m) for m in (1, 7, CUDA_GEMV_MAX_ROWS)]
-    tensor_cores = spec.group_size % kernels.mma_slice(spec.bits) == 0
+    tensor_cores = kernels.mma_takes_shape(spec.bits, spec.group_size, k)
     if tensor_cores:
         runs += [("mma_gemm", m) for m in (1, 16, 33, CUDA_MMA_MAX_ROWS)]
     splits, scale_modes = set(), set()
@@ -391,10 +399,7 @@ def test_other_group_sizes_match_the_reference_on_every_kernel(emulator, spec, n
     if tensor_cores:
         assert max(splits) > 1, splits
         assert scale_modes == expected_scale_modes(spec), scale_modes
-    dequantized, buffer = guarded(torch.full((n, k), float("nan"), dtype=dtype))
-    emulator.dequantize(*args, out=dequantized)
-    assert_guards_intact(buffer, n * k)
-    assert torch.equal(dequantized, reference.to(dtype))
+    assert_dequantizes_bit_exact(emulator, args, reference, dtype)
 
 
 @pytest.mark.parametrize("divisor", [1, 2, 3, 4, 7, 18, 96, 128, 448, 4095])
