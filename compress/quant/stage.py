@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import PreflightError
+from compress.kernels import CUDA_GEMV_MAX_ROWS, mma_slice, mma_takes_shape
 from compress.models import DTYPES, decoder_layers_prefix, replace_module
 from compress.quant.config import PER_CHANNEL, QuantizeConfig
 from compress.quant.gptq import accumulate_hessian, gptq_quantize
@@ -77,6 +78,12 @@ def _workable_group_sizes(in_features: set[int], bits: int) -> list[int]:
     ]
 
 
+def _off_tensor_cores(
+    by_k: dict[int, list[str]], bits: int, group_size: int
+) -> dict[int, list[str]]:
+    return {k: names for k, names in by_k.items() if not mma_takes_shape(bits, group_size, k)}
+
+
 def preflight(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any weight is touched."""
     layers = select_layers(model, config)
@@ -103,12 +110,32 @@ def preflight(model: nn.Module, config: QuantizeConfig) -> None:
     if config.group_size != PER_CHANNEL:
         bad = {k: names for k, names in by_k.items() if k % config.group_size}
         if bad:
-            workable = _workable_group_sizes(set(by_k), config.bits)
+            workable = [*_workable_group_sizes(set(by_k), config.bits), PER_CHANNEL]
+            fast = [g for g in workable if not _off_tensor_cores(by_k, config.bits, g)]
             raise PreflightError(
                 _describe_layers(f"group_size {config.group_size} does not divide in_features", bad)
-                + f"\n  group sizes that divide every selected layer: {[*workable, PER_CHANNEL]}"
-                + " (-1 = per channel)"
+                + f"\n  group sizes that divide every selected layer: {workable} (-1 = per channel)"
+                + f"; of these, CUDA's tensor-core kernel takes every layer at {fast or 'none'}"
             )
+    _warn_off_tensor_cores(by_k, config)
+
+
+def _warn_off_tensor_cores(by_k: dict[int, list[str]], config: QuantizeConfig) -> None:
+    """Say before the long work, not at deployment, which layers CUDA will not run on the tensor
+    cores: the artifact is valid, but those layers decode on slower paths."""
+    off = _off_tensor_cores(by_k, config.bits, config.group_size)
+    if off:
+        slice_k = mma_slice(config.bits)
+        log.warning(
+            "%s\n  on CUDA these run on the CUDA-core GEMV up to %d rows and dequantize + cuBLAS "
+            "above, not on the tensor cores",
+            _describe_layers(
+                f"in_features and group size must be multiples of {slice_k} for CUDA's "
+                f"tensor-core kernel at {config.bits} bits (group_size {config.group_size})",
+                off,
+            ),
+            CUDA_GEMV_MAX_ROWS,
+        )
 
 
 def _describe_layers(problem: str, by_k: dict[int, list[str]]) -> str:

@@ -127,5 +127,39 @@ def test_group_size_not_dividing_names_layers_and_workable_sizes(tmp_path, demo_
     assert "group_size 64 does not divide in_features" in message
     assert "in_features=96: model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj" in message
     assert "[16, 32, -1]" in message  # the sizes dividing both 64 and 96 (and per channel)
+    assert "tensor-core kernel takes every layer at [32, -1]" in message  # g16 is not whole slices
     # Nothing was modified by the failed preflight.
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def _tensor_core_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tensor-core kernel" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("config", "warned"),
+    [
+        # K = 80 is not a multiple of INT4's 32-k slice: down_proj only.
+        (QuantizeConfig(bits=4, group_size=-1), {80}),
+        (QuantizeConfig(bits=4, group_size=16), {64, 80}),  # a group smaller than a slice
+        (QuantizeConfig(bits=8, group_size=-1), set()),  # INT8's slice is 16 k
+    ],
+    ids=lambda v: v.scheme if isinstance(v, QuantizeConfig) else None,
+)
+def test_preflight_warns_of_layers_off_the_tensor_cores(
+    tmp_path, demo_tokenizer, caplog, config, warned
+):
+    directory = save_tiny_llama(tmp_path / "k80", demo_tokenizer, intermediate_size=80)
+    model, _ = load_model(resolve_source(ModelConfig(source=str(directory))), "bfloat16")
+    with caplog.at_level("WARNING", logger="compress.quant.stage"):
+        handler_for(config).preflight(model, config)
+    messages = _tensor_core_warnings(caplog)
+    if not warned:
+        assert messages == []
+        return
+    (message,) = messages
+    for k in (64, 80):
+        assert (f"in_features={k}:" in message) == (k in warned)
+    if 80 in warned:
+        assert "model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj" in message
+    assert "multiples of 32 for CUDA's tensor-core kernel at 4 bits" in message
