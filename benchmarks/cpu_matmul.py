@@ -18,8 +18,8 @@ import torch
 from compress.kernels import cpu_kernel, dequant_matmul, dequantize_packed
 from compress.quant.config import QuantizeConfig
 from compress.quant.linear import QuantLinear
+from compress.quant.plan import spec_of
 from compress.quant.rtn import rtn_quantize
-from compress.quant.stage import spec_of
 
 # SmolLM2-135M (hidden 576, FFN 1536, 3 KV heads of 64) and Llama-3-8B layer shapes, K×N.
 DEFAULT_SHAPES = "576x576,576x192,576x1536,1536x576,4096x4096,4096x14336,14336x4096"

@@ -86,7 +86,8 @@ from torch import nn
 from compress import cuda_ops
 from compress.models import DTYPES, decoder_layers_prefix
 from compress.quant.config import QuantizeConfig
-from compress.quant.stage import preflight, quantize_model
+from compress.quant.plan import preflight
+from compress.quant.stage import quantize_model
 from compress.registry import StageContext, StageResult
 
 log = logging.getLogger("benchmarks.decode")

@@ -35,8 +35,8 @@ import torch
 from compress import cuda_ops, kernels
 from compress.quant.config import QuantizeConfig
 from compress.quant.linear import QuantLinear
+from compress.quant.plan import spec_of
 from compress.quant.rtn import rtn_quantize
-from compress.quant.stage import spec_of
 
 
 def host_us_per_call(fn: Callable[[], object], calls: int, repeats: int) -> float:

@@ -6,21 +6,25 @@ An artifact is a directory:
     config.json           the HF config + a compressed-tensors `quantization_config`
     generation_config.json, tokenizer files
     recipe.lock.yaml      the fully resolved recipe that made it
-    manifest.json         source model + sha256, sha256 of every file above, versions, stages
-    report.json/.md/.html written by the pipeline after evaluation (outside the manifest)
+    manifest.json         source model + sha256, sha256 of every file, versions, stages, and
+                          once judged the verdict; sealed (compress/seal.py)
+    report.json/.md/.html written by the pipeline after evaluation, then sealed with the verdict
     README.md             the model card, written with the report
+    manifest.sig          optional: a signature of the manifest by the pipeline's key
+    bench.json, bench.md  optional: `compress bench` results, written later, outside the seal
 
 It is written into a temporary directory that is renamed into place, so a crash never leaves
-half an artifact.
+half an artifact; `publish` moves a judged artifact into its verdict folder only after
+verifying it in full.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,24 +36,36 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.errors import ArtifactError
-from compress.fileio import atomic_write_json, sha256_file, staging_dir
+from compress.fileio import replace_dir, sha256_file, staging_dir
 from compress.models import DTYPES, replace_module
 from compress.quant.config import PER_CHANNEL
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantSpec
+from compress.seal import (
+    MANIFEST,
+    SIGNATURE,
+    check_manifest,
+    check_signature,
+    read_json_file,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 RECIPE_LOCK = "recipe.lock.yaml"
-FORMAT_VERSION = 1
 PACKED_FORMAT = "pack-quantized"  # compressed-tensors' name for the layout in quant/packing.py
-# Files the pipeline adds after the manifest is sealed; verify() allows them.
-REPORT_FILES = frozenset(
-    {"report.json", "report.md", "report.html", "README.md"}
-)  # README: model card
-REPORT_PREFIX = "report-"  # plots beside the report (compress/evaluate/plots.py)
+REPORT = "report.json"
+# What the pipeline writes beside the report when the gate has decided (README: model card),
+# sealed into the manifest with the verdict; plots are named report-*.
+REPORT_FILES = frozenset({REPORT, "report.md", "report.html", "README.md"})
+# Files written after sealing, outside it: verify() neither requires nor refuses them.
+PLOT_PREFIX = "report-"  # plots beside the report (compress/evaluate/plots.py)
+ANNEX_FILES = frozenset({SIGNATURE, "bench.json", "bench.md"})
+# Manifest fields an export does not carry over: its own files, time and versions, and the
+# source's verdict (an export records it as `export.from_verdict`; the export itself was not
+# judged).
+NOT_CARRIED_BY_EXPORTS = frozenset({"files", "created", "versions", "verdict"})
 _VERSIONED_PACKAGES = ("compress", "torch", "transformers", "safetensors", "lm_eval", "pydantic")
 
 
@@ -187,66 +203,119 @@ def save_artifact(
     return final_dir
 
 
-def seal_manifest(directory: Path, fields: dict[str, Any]) -> None:
-    """Write manifest.json: `fields` plus the sha256 and size of every file in `directory`."""
-    files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    manifest = {
-        "format_version": FORMAT_VERSION,
+def _file_entries(
+    directory: Path, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file in `directory` but the manifest and the annex; entries
+    in `known` (just verified) are reused instead of hashed again."""
+    known = known or {}
+    entries = {}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.name == MANIFEST or path.name in ANNEX_FILES:
+            continue
+        entry = known.get(path.name)
+        if entry is None or entry["bytes"] != path.stat().st_size:
+            entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        entries[path.name] = entry
+    return entries
+
+
+def seal_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Write manifest.json: `fields` plus the sha256 and size of every file in `directory`,
+    sealed (compress/seal.py)."""
+    stamp = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": package_versions(),
-        **fields,
-        "files": files,
     }
-    atomic_write_json(directory / MANIFEST, manifest)
+    return write_manifest(directory, {**stamp, **fields}, _file_entries(directory))
+
+
+def seal_verdict(directory: Path, verdict: dict[str, Any]) -> dict[str, Any]:
+    """Seal the gate's verdict and the report files written beside the artifact into its
+    manifest. The files sealed before are verified first (and their hashes reused)."""
+    manifest = read_manifest(directory)
+    # A run resumed after its report was written writes the report again: those files are
+    # hashed anew, everything else must be as sealed.
+    problems = _listed_file_problems(directory, manifest, skip=_is_report_file)
+    if problems:
+        raise ArtifactError(
+            f"{directory}: changed before its verdict was sealed:\n  " + "\n  ".join(problems)
+        )
+    fields = {k: v for k, v in manifest.items() if k != "verdict"}
+    known = {k: v for k, v in manifest["files"].items() if not _is_report_file(k)}
+    return write_manifest(
+        directory, {**fields, "verdict": verdict}, _file_entries(directory, known)
+    )
 
 
 # --------------------------------------------------------------------------- verify / inspect
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The artifact's manifest, checked against its schema and its seal."""
     if not path.is_dir():
         raise ArtifactError(f"{path}: not an artifact directory (does not exist)")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{path}: no {MANIFEST}; not an artifact or written incompletely")
-    try:
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path}: not valid JSON: {exc}") from None
+    return check_manifest(read_json_file(manifest_path), manifest_path)
 
 
-def verify_artifact(path: Path) -> dict[str, Any]:
-    """Recompute every file's sha256 against the manifest; raise ArtifactError on any change."""
-    manifest = read_manifest(path)
+def _is_report_file(name: str) -> bool:
+    return name in REPORT_FILES or name.startswith(PLOT_PREFIX)
+
+
+def _listed_file_problems(
+    path: Path, manifest: dict[str, Any], skip: Callable[[str], bool] = lambda _: False
+) -> list[str]:
     problems = []
-    for name, entry in manifest.get("files", {}).items():
+    for name, entry in manifest["files"].items():
+        if skip(name):
+            continue
         file = path / name
         if not file.is_file():
             problems.append(f"missing file {name}")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(
+                f"{name}: {file.stat().st_size} bytes, the manifest says {entry['bytes']}"
+            )
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (file changed)")
-    listed = set(manifest.get("files", {})) | REPORT_FILES | {MANIFEST}
-    extra = sorted(
-        p.name
-        for p in path.iterdir()
-        if p.is_file() and p.name not in listed and not p.name.startswith(REPORT_PREFIX)
-    )
-    problems += [f"unlisted file {name}" for name in extra]
+    return problems
+
+
+def verify_artifact(path: Path, *, key: bytes | None = None) -> dict[str, Any]:
+    """Check the manifest's seal and every file's sha256 against it, and with `key` the
+    manifest's signature; raise ArtifactError on any difference."""
+    manifest = read_manifest(path)
+    problems = _listed_file_problems(path, manifest)
+    allowed = set(manifest["files"]) | ANNEX_FILES | {MANIFEST}
+    problems += [f"unlisted file {p.name}" for p in sorted(path.iterdir()) if p.name not in allowed]
     if problems:
         raise ArtifactError(
             f"{path}: artifact does not match its manifest:\n  " + "\n  ".join(problems)
         )
+    if key is not None:
+        check_signature(path, key)
+    return manifest
+
+
+def publish(source: Path, destination: Path, *, key: bytes | None = None) -> dict[str, Any]:
+    """Move a judged artifact into its verdict folder, replacing what is there, only once it
+    verifies in full: a sealed artifact is never replaced by an incomplete or unjudged one."""
+    manifest = verify_artifact(source, key=key)
+    if manifest.get("verdict") is None:
+        raise ArtifactError(f"{source}: no sealed verdict; only a judged artifact is published")
+    replace_dir(source, destination)
     return manifest
 
 
 def describe_artifact(path: Path) -> dict[str, Any]:
     """What `compress inspect` prints: provenance, schemes, sizes, files."""
     manifest = read_manifest(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_json_file(path / "config.json")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path / 'config.json'}: not a JSON object")
     qconfig = config.get("quantization_config") or {}
     schemes = {
         name: {**group["weights"], "layers": len(group["targets"])}
@@ -262,9 +331,10 @@ def describe_artifact(path: Path) -> dict[str, Any]:
         "export": manifest.get("export"),
         "quantization": schemes,
         "unquantized_linear": qconfig.get("ignore", []),
-        "stages": [s.get("summary") for s in manifest.get("stages", [])],
-        "files": manifest.get("files", {}),
-        "total_bytes": sum(f["bytes"] for f in manifest.get("files", {}).values()),
+        "stages": [s.get("summary") for s in manifest.get("stages") or [] if isinstance(s, dict)],
+        "verdict": (manifest.get("verdict") or {}).get("verdict"),
+        "files": manifest["files"],
+        "total_bytes": sum(f["bytes"] for f in manifest["files"].values()),
     }
 
 
@@ -275,7 +345,12 @@ def build_model(path: Path, dtype: torch.dtype) -> nn.Module:
     """An empty model of the artifact's architecture with QuantLinear where the config says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(
+            f"{path / 'config.json'}: not a config transformers reads: {exc}"
+        ) from None
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is not None:
         stored_format = qconfig.get("format")
@@ -334,7 +409,7 @@ def load_artifact(
 
     path = Path(path)
     manifest = verify_artifact(path) if verify else read_manifest(path)
-    dtype = DTYPES[manifest.get("dtype", "float32")]
+    dtype = DTYPES[manifest.get("dtype") or "float32"]
     model = build_model(path, dtype)
     _load_weights(model, path / WEIGHTS)
     model.eval()

@@ -263,3 +263,36 @@ def bench_table(
             ratio,
         ]
     )
+
+
+# --------------------------------------------------------------------------- results on disk
+
+BENCH_JSON = "bench.json"
+BENCH_MARKDOWN = "bench.md"
+
+
+def write_bench_annex(artifact_dir: Path, runtime: Runtime, section: dict[str, Any]) -> None:
+    """bench.json (one section per runtime) and bench.md beside the artifact. They stay
+    outside the artifact's seal: a measurement of this machine, taken after the verdict, must
+    not change the sealed report (the artifact still verifies)."""
+    from compress.fileio import atomic_write_json, atomic_write_text
+    from compress.seal import read_json_file
+
+    path = artifact_dir / BENCH_JSON
+    sections: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            stored = read_json_file(path)
+            sections = stored if isinstance(stored, dict) else {}
+        except BadInputError:
+            log.warning("%s is unreadable; writing it anew", path)
+    sections[runtime] = section
+    atomic_write_json(path, sections)
+    atomic_write_text(
+        artifact_dir / BENCH_MARKDOWN,
+        "\n".join(
+            f"## Speed (`compress bench --runtime {name}`)\n\n{entry['table']}\n"
+            for name, entry in sections.items()
+            if isinstance(entry, dict) and "table" in entry
+        ),
+    )

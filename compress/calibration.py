@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from compress.errors import BadInputError, DataError
+from compress.fileio import user_path
 from compress.recipe import CalibrationConfig
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def load_text(source: str, *, field: str = CALIBRATION_FIELD) -> str:
         text = _load_hf_text(parse_hf_spec(source, field=field), source, field)
     else:
         check_text_source(source, field=field)
-        path = Path(source).expanduser()
+        path = user_path(source, field=field)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
@@ -212,7 +212,7 @@ def check_text_source(source: str, *, field: str = CALIBRATION_FIELD) -> None:
     """
     if source.startswith(HF_PREFIX):
         parse_hf_spec(source, field=field)
-    elif not Path(source).expanduser().is_file():
+    elif not user_path(source, field=field).is_file():
         raise DataError(f"{field}: {source} does not exist or is not a file")
 
 

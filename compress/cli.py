@@ -20,13 +20,17 @@ log = logging.getLogger("compress")
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.distill.parallel import from_environment, stop_workers
     from compress.pipeline import run, serve_distillation
+    from compress.seal import read_key
 
     parallel = from_environment()  # under `accelerate launch`: only distillation is shared
     if parallel is not None and not parallel.is_main:
         serve_distillation(args.recipe, parallel)
         return EXIT_OK
+    sign_key = None if args.sign_key is None else read_key(Path(args.sign_key), "--sign-key")
     try:
-        outcome = run(args.recipe, resume=args.resume, parallel=parallel)
+        outcome = run(
+            args.recipe, resume=args.resume, parallel=parallel, wait=args.wait, sign_key=sign_key
+        )
     finally:
         if parallel is not None:
             stop_workers(parallel)
@@ -44,6 +48,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from compress.pipeline import check
+
+    summary = check(args.recipe)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    log.info("%s: every check before the model loads passed", args.recipe)
+    return EXIT_OK
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from compress.artifact import describe_artifact
 
@@ -51,11 +64,37 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _key(args: argparse.Namespace) -> bytes | None:
+    from compress.seal import read_key
+
+    return None if args.key is None else read_key(Path(args.key))
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from compress.artifact import verify_artifact
 
-    manifest = verify_artifact(Path(args.path))
-    log.info("%s: all %d files match the manifest", args.path, len(manifest["files"]))
+    manifest = verify_artifact(Path(args.path), key=_key(args))
+    verdict = (manifest.get("verdict") or {}).get("verdict", "not judged")
+    signed = ", signature valid" if args.key else ""
+    log.info(
+        "%s: seal and all %d files match the manifest (verdict: %s%s)",
+        args.path,
+        len(manifest["files"]),
+        verdict,
+        signed,
+    )
+    return EXIT_OK
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from compress.artifact import verify_artifact
+    from compress.seal import SIGNATURE, sign_manifest
+
+    key = _key(args)
+    assert key is not None  # --key is required
+    verify_artifact(Path(args.path))  # only what verifies is signed
+    signature = sign_manifest(Path(args.path), key)
+    log.info("%s: %s written (key id %s)", args.path, SIGNATURE, signature["key_id"])
     return EXIT_OK
 
 
@@ -83,24 +122,37 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _gate_config_and_eval(args: argparse.Namespace) -> tuple[Any, Any]:
     """(gate dict, EvalConfig) from --recipe and/or --budget/--limit/--num-fewshot."""
     from compress.evaluate.release import parse_budgets
-    from compress.recipe import EvalConfig, TaskConfig, load_recipe
+    from compress.recipe import EvalConfig, load_recipe
 
     overrides_budgets = parse_budgets(args.budget)
     if args.recipe is not None:
         recipe = load_recipe(args.recipe)
         gate = recipe.gate.model_dump(mode="json")
-        eval_cfg = recipe.eval
+        eval_data = recipe.eval.model_dump(mode="json")
         if args.limit is not None:
-            tasks = [t.model_copy(update={"limit": args.limit}) for t in eval_cfg.tasks]
-            eval_cfg = eval_cfg.model_copy(update={"tasks": tasks})
-        return gate, eval_cfg
+            eval_data["tasks"] = [{**t, "limit": args.limit} for t in eval_data["tasks"]]
+        return gate, _options(EvalConfig, eval_data)
     if not overrides_budgets:
         raise BadInputError("give --recipe R or at least one --budget TASK=DROP")
     tasks = [
-        TaskConfig(name=name, limit=args.limit, num_fewshot=args.num_fewshot)
+        {"name": name, "limit": args.limit, "num_fewshot": args.num_fewshot}
         for name in overrides_budgets
     ]
-    return None, EvalConfig(tasks=tasks)
+    return None, _options(EvalConfig, {"tasks": tasks})
+
+
+def _options(config_type: Any, data: dict[str, Any]) -> Any:
+    """A typed config built from command-line options; what it refuses is bad input (exit 2)
+    naming the setting (`--limit` sets `tasks[i].limit`)."""
+    from pydantic import ValidationError
+
+    try:
+        return config_type.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise BadInputError(f"command-line options: {problems}") from None
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
@@ -112,7 +164,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     if args.replay is not None:
         if args.artifact is not None or args.baseline is not None:
             raise BadInputError("--replay re-decides a stored report: give no ARTIFACT/--baseline")
-        report = release.read_report(Path(args.replay))
+        report = release.read_report(Path(args.replay), key=_key(args))
         name = report.get("recipe") or Path(args.replay).parent.name
         if args.plan:
             baseline, artifact, _ = release.stored_results(report)
@@ -157,8 +209,9 @@ def _write_verdict(
     report: dict[str, Any], decision: Any, name: str, args: argparse.Namespace
 ) -> int:
     from compress.evaluate.release import junit_xml, markdown_summary
+    from compress.seal import sealed
 
-    payload = json.dumps(report, indent=2) + "\n"
+    payload = json.dumps(sealed(report), indent=2) + "\n"  # --replay checks the seal
     if args.json is not None:
         atomic_write_text(Path(args.json), payload)
     else:
@@ -186,8 +239,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from compress.bench import BenchSettings, bench_artifact
-    from compress.evaluate.report import render_markdown
+    from compress.bench import BenchSettings, bench_artifact, write_bench_annex
 
     artifact = Path(args.path)
     settings = BenchSettings(args.prompt_tokens, args.new_tokens, args.repeats)
@@ -196,12 +248,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "--prompt-tokens and --repeats must be at least 1, --new-tokens at least 2"
         )
     section = bench_artifact(artifact, args.baseline, settings, args.runtime)
-    report_path = artifact / "report.json"
-    if report_path.is_file():  # the table goes into the artifact's report
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        report["bench" if args.runtime == "torch" else f"bench_{args.runtime}"] = section
-        atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
-        atomic_write_text(artifact / "report.md", render_markdown(report))
+    write_bench_annex(artifact, args.runtime, section)
     sys.stdout.write(json.dumps(section) + "\n")
     log.info("\n%s", section["table"])
     return EXIT_OK
@@ -222,7 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", action="store_true", help="continue an interrupted run of this recipe"
     )
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is writing this recipe's name, wait for it (default: exit 2)",
+    )
+    run.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="sign the judged artifact's manifest with this secret key (manifest.sig)",
+    )
     run.set_defaults(handler=_cmd_run)
+
+    check = sub.add_parser(
+        "check",
+        help="validate a recipe and everything checkable before the model loads (no run)",
+    )
+    check.add_argument("recipe", help="recipe YAML file")
+    check.set_defaults(handler=_cmd_check)
 
     gate = sub.add_parser(
         "gate",
@@ -245,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--limit", type=int, help="items per (sub)task (default: all)")
     gate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
     gate.add_argument("--replay", metavar="REPORT", help="re-decide a report.json, no model run")
+    gate.add_argument(
+        "--key",
+        metavar="FILE",
+        help="--replay: also require the manifest beside the report to be signed with this key",
+    )
     gate.add_argument(
         "--plan", action="store_true", help="estimate the items each budget needs, from a pilot"
     )
@@ -288,9 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    verify = sub.add_parser("verify", help="recompute an artifact's hashes against its manifest")
+    verify = sub.add_parser(
+        "verify", help="check an artifact's seal and every file's hash against its manifest"
+    )
     verify.add_argument("path")
+    verify.add_argument("--key", metavar="FILE", help="also check manifest.sig with this key")
     verify.set_defaults(handler=_cmd_verify)
+
+    sign = sub.add_parser(
+        "sign", help="sign a verified artifact's manifest with a secret key (manifest.sig)"
+    )
+    sign.add_argument("path")
+    sign.add_argument("--key", metavar="FILE", required=True, help="the secret key's file")
+    sign.set_defaults(handler=_cmd_sign)
 
     export = sub.add_parser(
         "export",

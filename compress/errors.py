@@ -44,7 +44,13 @@ class DataError(BadInputError):
 
 
 class PreflightError(BadInputError):
-    """A stage that cannot be applied to the loaded model (names the layers at fault)."""
+    """A stage that cannot be applied to the model (names the layers at fault). `field` is the
+    stage setting at fault, when one is (`group_size`), so the error can name its path
+    (`stages[1].group_size`)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ArtifactError(BadInputError):

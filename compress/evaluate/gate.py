@@ -243,6 +243,15 @@ class QualityScale:
             return 1 - value
         return value
 
+    @property
+    def description(self) -> str:
+        """The check's scale in words (reported beside its numbers)."""
+        return {
+            "kl_divergence": "mean KL(baseline ‖ artifact) per token, nats",
+            "perplexity_increase": "mean log perplexity ratio, log(artifact / baseline)",
+            "top1_agreement": "top-1 disagreement, 1 − agreement",
+        }[self.signal]
+
 
 def quality_estimate(signal: QualitySignal, quality: QualityResult) -> PairedEstimate:
     """Token-weighted over windows, on the check's scale."""
@@ -264,22 +273,32 @@ def quality_estimate(signal: QualitySignal, quality: QualityResult) -> PairedEst
 
 @dataclass(frozen=True)
 class QualityVerdict:
-    """One held-out-text signal against its limit, in the signal's own units."""
+    """One held-out-text signal against its limit.
+
+    `value`, `limit`, `interval` and `bound` are in the signal's own units (what a reader
+    compares); `estimate`, `budget` and `result` are the check's, on its larger-is-worse scale
+    (`QualityScale`), and are what decided."""
 
     signal: QualitySignal
     value: float
     limit: float
     kind: Literal["max", "min"]
     rule: Rule
-    interval: tuple[float, float]
+    interval: tuple[float, float]  # two-sided, sorted low ≤ high
     bound: float  # the conservative one-sided bound (upper for max, lower for min)
     result: CheckResult
+    estimate: PairedEstimate  # on the check's scale
+    budget: float  # the limit on the check's scale
+    scale: str  # the check's scale, in words
 
     @property
     def passed(self) -> bool:
         return self.result.outcome == "ship"
 
     def to_dict(self) -> dict[str, Any]:
+        # Top-level numbers are on the signal's scale only; the check's numbers (log ratio,
+        # disagreement) go under "check", so no key can be read on the wrong scale.
+        result = self.result
         return {
             "signal": self.signal,
             "value": self.value,
@@ -289,11 +308,27 @@ class QualityVerdict:
             "interval": list(self.interval),
             "bound": self.bound,
             "passed": self.passed,
-            **self.result.to_dict(),
+            "outcome": result.outcome,
+            "p_within": result.p_within,
+            "p_exceeds": result.p_exceeds,
+            "p_exceeds_adjusted": result.p_exceeds_adjusted,
+            "needed": result.needed,
+            "windows": self.estimate.n,
+            "check": {
+                "scale": self.scale,
+                "estimate": self.estimate.center,
+                "interval": list(result.interval),
+                "upper": result.upper,
+                "lower": result.lower,
+                "budget": self.budget,
+            },
         }
 
 
-def quality_checks(gate: GateConfig, quality: QualityResult) -> list[tuple[QualityScale, Check]]:
+QualityCheck = tuple[QualityScale, float, Check]  # (scale, limit on the signal's scale, check)
+
+
+def quality_checks(gate: GateConfig, quality: QualityResult) -> list[QualityCheck]:
     budget = gate.quality
     assert budget is not None
     limits: list[tuple[QualitySignal, Literal["max", "min"], float | None]] = [
@@ -301,22 +336,48 @@ def quality_checks(gate: GateConfig, quality: QualityResult) -> list[tuple[Quali
         ("perplexity_increase", "max", budget.max_perplexity_increase),
         ("top1_agreement", "min", budget.min_top1_agreement),
     ]
-    checks = []
+    checks: list[QualityCheck] = []
     for signal, kind, limit in limits:
         if limit is None:
             continue
         scale = QualityScale(signal, kind)
         estimate = quality_estimate(signal, quality)
-        checks.append((scale, Check(signal, estimate, scale.to_check(limit), gate.rule_of(budget))))
+        check = Check(signal, estimate, scale.to_check(limit), gate.rule_of(budget))
+        checks.append((scale, limit, check))
     return checks
 
 
-def quality_value(signal: QualitySignal, quality: QualityResult) -> float:
-    if signal == "kl_divergence":
-        return quality.kl_divergence
-    if signal == "perplexity_increase":
-        return quality.perplexity / quality.baseline_perplexity - 1
-    return quality.top1_agreement
+def quality_verdict(
+    scale: QualityScale, limit: float, check: Check, result: CheckResult
+) -> QualityVerdict:
+    """The check's numbers mapped back to the signal's scale (monotone maps, so the interval
+    still holds the value and the bound stays on the conservative side).
+
+    The value is the check's own estimate mapped back, not the stored aggregate
+    (`quality.kl_divergence`, `perplexity / baseline_perplexity − 1`, `top1_agreement`). In
+    exact arithmetic they are the same token-weighted mean: quality.py pools sums over every
+    scored position, `weighted_estimate` weights per-window means by their token counts, and the
+    baseline perplexity comes from the same windows as "baseline_nll". But they are computed
+    differently (last-bit differences, which matter when the windows agree and the interval is
+    a point) and a stored report may hold aggregates that no longer match its windows; only
+    the estimate the interval is built around is certain to lie inside it."""
+    assert check.budget is not None
+    # Larger is worse on the check's scale, so its upper bound is the conservative one on
+    # either kind of signal: the upper KL / ratio, or the lower agreement.
+    low, high = sorted(scale.from_check(x) for x in result.interval)
+    return QualityVerdict(
+        signal=scale.signal,
+        value=scale.from_check(check.estimate.center),
+        limit=limit,
+        kind=scale.kind,
+        rule=check.rule,
+        interval=(low, high),
+        bound=scale.from_check(result.upper),
+        result=result,
+        estimate=check.estimate,
+        budget=check.budget,
+        scale=scale.description,
+    )
 
 
 # --------------------------------------------------------------------------- sequential
@@ -424,6 +485,10 @@ class TaskVerdict:
             "baseline": self.baseline,
             "artifact": self.artifact,
             "drop": self.drop,
+            # The drop the interval and bounds are built around: for 0/1 items the Agresti–Min
+            # estimate, pulled toward 0 by the pseudo-counts, so `drop` itself can fall outside
+            # a low-confidence interval on a collapsed task; for graded items it is `drop`.
+            "center": self.estimate.center,
             "max_drop": self.max_drop,
             "rule": self.rule,
             "passed": self.passed,
@@ -476,7 +541,7 @@ def decide(
     task_checks = [task_check(name, base, artifact[name], gate) for name, base in baseline.items()]
     scaled = [] if gate.quality is None or quality is None else quality_checks(gate, quality)
     overrides = {n: s.outcome for n, s in states.items() if s.outcome != "final"}
-    results = judge(task_checks + [check for _, check in scaled], gate, overrides)
+    results = judge(task_checks + [check for _, _, check in scaled], gate, overrides)
     task_results, quality_results = results[: len(task_checks)], results[len(task_checks) :]
     tasks = [
         TaskVerdict(
@@ -491,23 +556,10 @@ def decide(
         )
         for check, result in zip(task_checks, task_results, strict=True)
     ]
-    qualities = []
-    for (scale, check), result in zip(scaled, quality_results, strict=True):
-        assert quality is not None and check.budget is not None
-        low, high = sorted(scale.from_check(x) for x in result.interval)
-        bound = scale.from_check(result.upper)
-        qualities.append(
-            QualityVerdict(
-                signal=scale.signal,
-                value=quality_value(scale.signal, quality),
-                limit=scale.from_check(check.budget),
-                kind=scale.kind,
-                rule=check.rule,
-                interval=(low, high),
-                bound=bound,
-                result=result,
-            )
-        )
+    qualities = [
+        quality_verdict(scale, limit, check, result)
+        for (scale, limit, check), result in zip(scaled, quality_results, strict=True)
+    ]
     verdict = overall([r.outcome for r in results])
     record = None
     if states:

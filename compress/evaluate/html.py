@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from compress.evaluate.plots import gate_figure, sweep_figure
-from compress.evaluate.report import outcome_text
+from compress.evaluate.report import (
+    ADJUSTED_NOTE,
+    drop_adjusted,
+    drop_text,
+    outcome_text,
+    quality_scale_note,
+)
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -38,8 +44,8 @@ def _pct(x: float) -> str:
 
 
 def _img(png: bytes | None, alt: str) -> str:
-    if png is None:
-        return f'<p class="muted">({escape(alt)}: matplotlib is not installed)</p>'
+    if png is None:  # plots.py logged why; the page goes on without the picture
+        return f'<p class="muted">({escape(alt)}: no plot; matplotlib is missing or failed)</p>'
     data = base64.b64encode(png).decode()
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -65,7 +71,7 @@ def gate_section(gate: dict[str, Any]) -> str:
                 t["estimate"]["n"],
                 _pct(t["baseline"]),
                 _pct(t["artifact"]),
-                _pct(t["drop"]),
+                drop_text(t),
                 f"[{_pct(low)}, {_pct(high)}]",
                 _pct(t["upper"]),
                 "—" if t["max_drop"] is None else _pct(t["max_drop"]),
@@ -91,6 +97,8 @@ def gate_section(gate: dict[str, Any]) -> str:
             rows,
         )
     )
+    if any(drop_adjusted(t) for t in gate["tasks"]):
+        parts.append(f'<p class="muted">{escape(ADJUSTED_NOTE)}</p>')
     if gate.get("quality"):
         quality_rows = [
             [
@@ -118,6 +126,9 @@ def gate_section(gate: dict[str, Any]) -> str:
                 quality_rows,
             )
         )
+        note = quality_scale_note(gate["quality"])
+        if note:
+            parts.append(f'<p class="muted">{escape(note)}</p>')
     sequential = gate.get("sequential")
     if sequential:
         parts.append(
@@ -234,7 +245,7 @@ def render_sweep_html(reports: list[dict[str, Any]]) -> str:
     rows = []
     for r in sorted(reports, key=lambda r: r["sizes"]["artifact_bytes"]):
         tasks = ", ".join(
-            f"{t['task']} {_pct(t['artifact'])} ({_pct(t['drop'])} pts drop)"
+            f"{t['task']} {_pct(t['artifact'])} ({drop_text(t)} pts drop)"
             for t in r["gate"]["tasks"]
         )
         kl = (r.get("quality") or {}).get("kl_divergence")

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from compress.errors import BadInputError, DataError
+from compress.fileio import user_path
 from compress.recipe import ENV_EVAL_DATA_DIR, EvalConfig, TaskConfig
 
 if TYPE_CHECKING:
@@ -308,6 +309,12 @@ def check_tasks(eval_cfg: EvalConfig) -> None:
         raise BadInputError("eval.tasks: " + "; ".join(problems))
 
 
+def subtask_count(task_name: str) -> int:
+    """How many leaf subtasks a task, group or tag runs (57 for mmlu), from lm-eval's index:
+    a `limit` applies to each of them. Builds no task and loads no data."""
+    return len(leaf_configs(_task_manager().task_index, task_name))
+
+
 def primary_metric(task_name: str) -> str:
     """Default gating metric: `PRIMARY_METRICS` for mmlu/gsm8k, otherwise the first metric of
     the task's (first subtask's) config, under its first filter."""
@@ -378,7 +385,7 @@ def resolve_eval_data_dir(eval_cfg: EvalConfig) -> Path | None:
     raw, source = _raw_data_dir(eval_cfg)
     if raw is None:
         return None
-    data_dir = Path(raw).expanduser().resolve()
+    data_dir = user_path(raw, field=source).resolve()
     if not data_dir.is_dir():
         raise DataError(f"evaluation data directory {data_dir} (from {source}) does not exist")
     index = _task_manager().task_index

@@ -70,6 +70,8 @@ def render_model_card(
         *gate_lines(report["gate"]),
         "",
         "Drops are baseline − artifact on the same items, in points; intervals are paired. "
+        "Quality signals on held-out text are shown in their own units (perplexity increase "
+        "as a fraction, top-1 agreement as a share). "
         "The full numbers are in `report.json`, the plots in `report.html`.",
         "",
         "## Use",

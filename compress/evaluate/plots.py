@@ -3,7 +3,10 @@ checks and a sweep of artifacts (PNG bytes for the HTML page)."""
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,35 @@ def write_loss_curves(stages: list[dict[str, Any]], directory: Path) -> list[str
     """One PNG per distill stage (loss, KL and task terms per step); returns the file names.
 
     Needs matplotlib (the `report` extra); without it nothing is written and the curve stays
-    in report.json.
+    in report.json. Never raises: a curve that cannot be drawn or written is skipped with a
+    warning (the verdict and the exit code must not depend on a plot).
     """
-    curves = [(s["index"], s["details"]["curve"]) for s in stages if s["type"] == "distill"]
-    plt = _pyplot() if curves else None
+    try:
+        curves = [(s["index"], s["details"]["curve"]) for s in stages if s["type"] == "distill"]
+        plt = _pyplot() if curves else None
+    except Exception as exc:
+        _not_drawn("distillation loss curves", exc)
+        return []
     if plt is None:
         return []
     names = []
     for index, curve in curves:
-        figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+        name = loss_curve_name(index)
+        tmp = directory / f".{name}.tmp"
+        try:
+            _draw_loss_curve(plt, index, curve, tmp)
+            tmp.replace(directory / name)
+        except Exception as exc:
+            _not_drawn(f"distillation loss curve of stage {index}", exc)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            continue
+        names.append(name)
+    return names
+
+
+def _draw_loss_curve(plt: Any, index: int, curve: list[dict[str, float]], path: Path) -> None:
+    with _figure(plt, figsize=(6, 3.5), dpi=120) as (figure, axis):
         steps = [point["step"] for point in curve]
         for key, label in (("loss", "total"), ("kd", "KL (× T²)"), ("task", "next-token CE")):
             if all(key in point for point in curve):
@@ -39,16 +62,25 @@ def write_loss_curves(stages: list[dict[str, Any]], directory: Path) -> list[str
         axis.legend()
         axis.grid(alpha=0.3)
         figure.tight_layout()
-        name = loss_curve_name(index)
-        tmp = directory / f".{name}.tmp"
-        figure.savefig(tmp, format="png")
+        figure.savefig(path, format="png")
+
+
+def _not_drawn(what: str, exc: BaseException) -> None:
+    """A plot is decoration: say why it is missing and carry on."""
+    log.warning("%s not drawn: %s: %s", what, type(exc).__name__, exc)
+
+
+@contextmanager
+def _figure(plt: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """`plt.subplots(**kwargs)`, closed however the drawing ends (no figure leaks on error)."""
+    figure, axes = plt.subplots(**kwargs)
+    try:
+        yield figure, axes
+    finally:
         plt.close(figure)
-        tmp.replace(directory / name)
-        names.append(name)
-    return names
 
 
-def _pyplot():
+def _pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend, or None without the `report` extra."""
     try:
         import matplotlib
@@ -62,107 +94,136 @@ def _pyplot():
 
 
 def _png(figure: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
+def error_bar(center: float, low: float, high: float) -> list[list[float]]:
+    """matplotlib's `yerr` for an interval drawn at `center`: never negative, even when the
+    center lies outside the (clipped) interval or rounding puts it a hair past an end."""
+    return [[max(0.0, center - low)], [max(0.0, high - center)]]
+
+
+def task_interval_pct(check: dict[str, Any]) -> tuple[float, float, float]:
+    """(bottom, center, top) of the artifact's score implied by the drop's interval, in %:
+    baseline minus the drop's interval, clipped to 0..100, around the drop the interval is
+    built around (`center`; reports written before it existed hold it in "estimate")."""
+    base = 100 * check["baseline"]
+    low, high = check["interval"]  # of the drop
+    center = check.get("center", check["estimate"]["center"])
+    bottom, top = max(0.0, base - 100 * high), min(100.0, base - 100 * low)
+    return bottom, min(max(base - 100 * center, bottom), top), top
+
+
+COLORS = {"ship": "#2e7d32", "reject": "#c62828", "inconclusive": "#ef6c00"}
+
+
 def gate_figure(gate: dict[str, Any]) -> bytes | None:
     """Per gated task: baseline and artifact with the artifact's interval and the budget line
-    (the lowest accuracy the budget accepts); per quality budget: value, interval and limit."""
-    plt = _pyplot()
-    checks = [t for t in gate["tasks"]] + list(gate.get("quality") or [])
-    if plt is None or not checks:
+    (the lowest accuracy the budget accepts); per quality budget: value, interval and limit,
+    on the signal's own scale. None without matplotlib or when drawing fails (logged)."""
+    try:
+        checks = list(gate.get("tasks") or []) + list(gate.get("quality") or [])
+        plt = _pyplot() if checks else None
+        return None if plt is None else _gate_figure(plt, gate, checks)
+    except Exception as exc:
+        _not_drawn("gate figure", exc)
         return None
+
+
+def _gate_figure(plt: Any, gate: dict[str, Any], checks: list[dict[str, Any]]) -> bytes:
     confidence = f"{gate['confidence']:.0%}"
-    figure, axes = plt.subplots(
-        1, len(checks), figsize=(3.2 * len(checks), 3.4), dpi=110, squeeze=False
-    )
-    colors = {"ship": "#2e7d32", "reject": "#c62828", "inconclusive": "#ef6c00"}
-    for axis, check in zip(axes[0], checks, strict=True):
-        color = colors.get(check["outcome"], "#555555")
-        if "task" in check:
-            low, high = check["interval"]  # of the drop
-            base = 100 * check["baseline"]
-            art = 100 * check["artifact"]
-            axis.bar([0], [base], color="#90a4ae", width=0.6)
-            axis.bar([1], [art], color=color, width=0.6)
-            # The artifact's interval: baseline minus the drop's interval, within 0..100 %.
-            bottom, top = max(0.0, base - 100 * high), min(100.0, base - 100 * low)
-            axis.errorbar([1], [art], yerr=[[art - bottom], [top - art]], color="black", capsize=6)
-            if check["max_drop"] is not None:
-                line = base - 100 * check["max_drop"]
-                axis.axhline(line, color="#c62828", linestyle="--", label="budget line")
-                axis.legend(loc="lower right", fontsize=7)
-            axis.set_xticks([0, 1], ["baseline", "artifact"])
-            axis.set_ylim(0, max(5.0, top, base) * 1.1)  # a budget line under 0 stays off-axis
-            axis.set_ylabel(f"{check['metric'].split(',')[0]} (%)")
-            axis.set_title(f"{check['task']}: {check['outcome']}", fontsize=9)
-        else:
-            low, high = check["interval"]
-            axis.errorbar(
-                [0],
-                [check["value"]],
-                yerr=[[check["value"] - low], [high - check["value"]]],
-                fmt="o",
-                color=color,
-                capsize=6,
-            )
-            axis.axhline(check["limit"], color="#c62828", linestyle="--", label="limit")
-            axis.set_xticks([0], ["artifact"])
-            axis.set_xlim(-1, 1)
-            axis.legend(loc="best", fontsize=7)
-            axis.set_title(f"{check['signal']}: {check['outcome']}", fontsize=9)
-        axis.grid(axis="y", alpha=0.3)
-    figure.suptitle(f"gate checks ({confidence} intervals)", fontsize=10)
-    data = _png(figure)
-    plt.close(figure)
-    return data
+    size = {"figsize": (3.2 * len(checks), 3.4), "dpi": 110, "squeeze": False}
+    with _figure(plt, nrows=1, ncols=len(checks), **size) as (figure, axes):
+        for axis, check in zip(axes[0], checks, strict=True):
+            color = COLORS.get(check["outcome"], "#555555")
+            if "task" in check:
+                _task_axis(axis, check, color)
+            else:
+                _quality_axis(axis, check, color)
+            axis.grid(axis="y", alpha=0.3)
+        figure.suptitle(f"gate checks ({confidence} intervals)", fontsize=10)
+        return _png(figure)
+
+
+def _task_axis(axis: Any, check: dict[str, Any], color: str) -> None:
+    base, art = 100 * check["baseline"], 100 * check["artifact"]
+    axis.bar([0], [base], color="#90a4ae", width=0.6)
+    axis.bar([1], [art], color=color, width=0.6)
+    bottom, center, top = task_interval_pct(check)
+    yerr = error_bar(center, bottom, top)
+    axis.errorbar([1], [center], yerr=yerr, fmt="none", ecolor="black", capsize=6)
+    if check["max_drop"] is not None:
+        line = base - 100 * check["max_drop"]
+        axis.axhline(line, color="#c62828", linestyle="--", label="budget line")
+        axis.legend(loc="lower right", fontsize=7)
+    axis.set_xticks([0, 1], ["baseline", "artifact"])
+    axis.set_ylim(0, max(5.0, top, base) * 1.1)  # a budget line under 0 stays off-axis
+    axis.set_ylabel(f"{check['metric'].split(',')[0]} (%)")
+    axis.set_title(f"{check['task']}: {check['outcome']}", fontsize=9)
+
+
+def _quality_axis(axis: Any, check: dict[str, Any], color: str) -> None:
+    value = check["value"]
+    low, high = check["interval"]  # the signal's own scale, like value and limit
+    yerr = error_bar(value, low, high)
+    axis.errorbar([0], [value], yerr=yerr, fmt="o", color=color, capsize=6)
+    axis.axhline(check["limit"], color="#c62828", linestyle="--", label="limit")
+    axis.set_xticks([0], ["artifact"])
+    axis.set_xlim(-1, 1)
+    axis.legend(loc="best", fontsize=7)
+    axis.set_title(f"{check['signal']}: {check['outcome']}", fontsize=9)
 
 
 def sweep_figure(reports: list[dict[str, Any]]) -> bytes | None:
     """Across artifacts: size on disk vs each task's accuracy (with intervals), colored by
-    verdict, the baseline as a line."""
-    plt = _pyplot()
-    tasks = sorted({t["task"] for r in reports for t in r["gate"]["tasks"]})
-    if plt is None or not tasks:
+    verdict, the baseline as a line. None without matplotlib or when drawing fails (logged)."""
+    try:
+        tasks = sorted({t["task"] for r in reports for t in r["gate"]["tasks"]})
+        plt = _pyplot() if tasks else None
+        return None if plt is None else _sweep_figure(plt, reports, tasks)
+    except Exception as exc:
+        _not_drawn("sweep figure", exc)
         return None
-    figure, axes = plt.subplots(
-        1, len(tasks), figsize=(4.5 * len(tasks), 3.8), dpi=110, squeeze=False
-    )
-    colors = {"ship": "#2e7d32", "reject": "#c62828", "inconclusive": "#ef6c00"}
-    for axis, task in zip(axes[0], tasks, strict=True):
-        baselines = []
-        for report in reports:
-            check = next((t for t in report["gate"]["tasks"] if t["task"] == task), None)
-            if check is None:
-                continue
-            size = report["sizes"]["artifact_bytes"] / 1e6
-            art = 100 * check["artifact"]
-            low, high = check["interval"]
-            base = 100 * check["baseline"]
-            baselines.append(base)
-            axis.errorbar(
-                [size],
-                [art],
-                yerr=[[art - (base - 100 * high)], [(base - 100 * low) - art]],
-                fmt="o",
-                color=colors.get(report["verdict"], "#555555"),
-                capsize=4,
-            )
-            axis.annotate(
-                report["recipe"], (size, art), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
-        if baselines and len({round(b, 9) for b in baselines}) == 1:  # one shared baseline
-            axis.axhline(baselines[0], color="#607d8b", linestyle=":", label="baseline")
-            axis.legend(loc="lower right", fontsize=7)
-        axis.set_xlabel("artifact size (MB)")
-        axis.set_ylabel("accuracy (%)")
-        axis.set_title(task, fontsize=10)
-        axis.grid(alpha=0.3)
-    data = _png(figure)
-    plt.close(figure)
-    return data
+
+
+def _sweep_figure(plt: Any, reports: list[dict[str, Any]], tasks: list[str]) -> bytes:
+    size = {"figsize": (4.5 * len(tasks), 3.8), "dpi": 110, "squeeze": False}
+    with _figure(plt, nrows=1, ncols=len(tasks), **size) as (figure, axes):
+        for axis, task in zip(axes[0], tasks, strict=True):
+            baselines = []
+            for report in reports:
+                check = next((t for t in report["gate"]["tasks"] if t["task"] == task), None)
+                if check is None:
+                    continue
+                megabytes = report["sizes"]["artifact_bytes"] / 1e6
+                art = 100 * check["artifact"]
+                baselines.append(100 * check["baseline"])
+                color = COLORS.get(report["verdict"], "#555555")
+                bottom, center, top = task_interval_pct(check)
+                axis.errorbar(
+                    [megabytes],
+                    [center],
+                    yerr=error_bar(center, bottom, top),
+                    fmt="none",
+                    ecolor=color,
+                    capsize=4,
+                )
+                axis.plot([megabytes], [art], "o", color=color)
+                axis.annotate(
+                    report["recipe"],
+                    (megabytes, art),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+            if baselines and len({round(b, 9) for b in baselines}) == 1:  # one shared baseline
+                axis.axhline(baselines[0], color="#607d8b", linestyle=":", label="baseline")
+                axis.legend(loc="lower right", fontsize=7)
+            axis.set_xlabel("artifact size (MB)")
+            axis.set_ylabel("accuracy (%)")
+            axis.set_title(task, fontsize=10)
+            axis.grid(alpha=0.3)
+        return _png(figure)

@@ -8,20 +8,23 @@ A gate report has the keys of the pipeline's `report.json` that a decision reads
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from compress.errors import BadInputError
+from compress.errors import ArtifactError, BadInputError
 from compress.evaluate.gate import GateDecision, decide, gated_tasks
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.evaluate.quality import QualityResult, measure_quality
 from compress.evaluate.report import gate_lines
 from compress.evaluate.stats import binary_sd, is_binary, items_needed, paired_estimate
+from compress.fileio import sha256_file
 from compress.recipe import EvalConfig, GateConfig, ModelConfig
+from compress.seal import MANIFEST, check_report_seal, check_signature, read_json_file
+
+MAX_REPORT_BYTES = 1 << 30  # per-item results of full benchmarks are megabytes, not gigabytes
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,13 @@ class Overrides:
     confidence: float | None = None
 
     def apply(self, gate: dict[str, Any] | None) -> GateConfig:
+        if gate is not None and not isinstance(gate, dict):
+            raise BadInputError(f"gate_config: a mapping, got {type(gate).__name__}")
         data = dict(gate or {})
         if self.budgets:
             budgets = dict(data.get("budgets") or {})
             for task, drop in self.budgets.items():
-                budgets[task] = {**budgets.get(task, {}), "max_drop": drop}
+                budgets[task] = {**(budgets.get(task) or {}), "max_drop": drop}
             data["budgets"] = budgets
         if self.rule is not None:
             data["rule"] = self.rule
@@ -64,9 +69,9 @@ def parse_budgets(values: list[str]) -> dict[str, float]:
             number = float(drop)
         except ValueError:
             number = -1.0
-        if not sep or not task or number < 0:
+        if not sep or not task or not 0 <= number <= 1:
             raise BadInputError(
-                f"--budget {value!r}: expected TASK=DROP with DROP ≥ 0 as a fraction "
+                f"--budget {value!r}: expected TASK=DROP with 0 ≤ DROP ≤ 1 as a fraction "
                 "(0.02 = 2 points)"
             )
         budgets[task] = number
@@ -76,25 +81,59 @@ def parse_budgets(values: list[str]) -> dict[str, float]:
 # --------------------------------------------------------------------------- replay
 
 
-def read_report(path: Path) -> dict[str, Any]:
+def read_report(path: Path, *, key: bytes | None = None) -> dict[str, Any]:
+    """A stored report, refused unless its seal matches (and, beside an artifact, the
+    artifact's manifest seals it; with `key`, that manifest is signed by it)."""
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"--replay {path}: not a readable JSON report ({exc})") from None
-    evaluation = report.get("evaluation") or {}
-    if not {"baseline", "artifact"} <= set(evaluation):
+        report = read_json_file(path, limit=MAX_REPORT_BYTES)
+    except ArtifactError as exc:
+        raise BadInputError(f"report {exc}") from None
+    if not isinstance(report, dict):
+        raise BadInputError(f"{path}: a report is a JSON object, got {type(report).__name__}")
+    check_report_seal(report, path)
+    _check_sealed_by_manifest(path, key)
+    evaluation = report.get("evaluation")
+    if not isinstance(evaluation, dict) or not {"baseline", "artifact"} <= set(evaluation):
         raise BadInputError(
-            f"--replay {path}: no per-item results (evaluation.baseline / evaluation.artifact)"
+            f"{path}: no per-item results (evaluation.baseline / evaluation.artifact)"
         )
     return report
 
 
+def _check_sealed_by_manifest(path: Path, key: bytes | None) -> None:
+    """A report inside an artifact must be the one its manifest sealed."""
+    from compress.artifact import read_manifest
+
+    directory = path.parent
+    if not (directory / MANIFEST).is_file():
+        if key is not None:
+            raise BadInputError(
+                f"--key: {path} has no {MANIFEST} beside it whose signature to check"
+            )
+        return
+    entry = read_manifest(directory)["files"].get(path.name)
+    if entry is None:
+        raise BadInputError(f"{path}: not sealed by {directory / MANIFEST} (not listed there)")
+    if sha256_file(path) != entry["sha256"]:
+        raise BadInputError(
+            f"{path}: differs from the report sealed in {directory / MANIFEST}: it was edited"
+        )
+    if key is not None:
+        check_signature(directory, key)
+
+
 def stored_results(report: dict[str, Any]) -> tuple[dict, dict, QualityResult | None]:
     evaluation = report["evaluation"]
-    baseline = {k: TaskResult.from_dict(v) for k, v in evaluation["baseline"].items()}
-    artifact = {k: TaskResult.from_dict(v) for k, v in evaluation["artifact"].items()}
-    quality = report.get("quality")
-    return baseline, artifact, None if quality is None else QualityResult.from_dict(quality)
+    try:
+        baseline = {k: TaskResult.from_dict(v) for k, v in evaluation["baseline"].items()}
+        artifact = {k: TaskResult.from_dict(v) for k, v in evaluation["artifact"].items()}
+        quality = report.get("quality")
+        return baseline, artifact, None if quality is None else QualityResult.from_dict(quality)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # A sealed report only reads wrong if its writer was not compress: say so, no traceback.
+        raise BadInputError(
+            f"report: malformed per-item results ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def replay(report: dict[str, Any], overrides: Overrides) -> GateDecision:
@@ -188,7 +227,8 @@ def junit_xml(decision: GateDecision, name: str) -> str:
             (
                 f"task {task.task} ({task.metric})",
                 task.result.outcome,
-                f"drop {task.drop:.4f}, {decision.confidence:.0%} interval "
+                f"drop {task.drop:.4f} (adjusted {task.estimate.center:.4f}), "
+                f"{decision.confidence:.0%} interval "
                 f"[{task.result.interval[0]:.4f}, {task.result.interval[1]:.4f}], upper bound "
                 f"{task.result.upper:.4f}, budget {task.max_drop}, rule {task.rule}, "
                 f"{task.estimate.n} items",
@@ -248,7 +288,7 @@ def evaluate_against_baseline(
     from compress.calibration import check_text_source
     from compress.evaluate import lm_eval_runner
     from compress.models import fingerprint, load_model, resolve_source
-    from compress.pipeline import QUALITY_FIELD, capture_quality_baseline
+    from compress.pipeline import QUALITY_FIELD, capture_quality_baseline, quality_windows
 
     data_dir = lm_eval_runner.resolve_eval_data_dir(eval_cfg)
     lm_eval_runner.check_tasks(eval_cfg)
@@ -266,7 +306,8 @@ def evaluate_against_baseline(
     )
 
     model, tokenizer = load_model(resolved, dtype)
-    quality_baseline = capture_quality_baseline(model, tokenizer, eval_cfg.quality)
+    windows = quality_windows(eval_cfg.quality, tokenizer, gated=gate.quality is not None)
+    quality_baseline = capture_quality_baseline(model, windows)
     baseline = lm_eval_runner.evaluate_tasks(model, tokenizer, eval_cfg, data_dir=data_dir)
     del model
 

@@ -60,9 +60,11 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
         low, high = t["interval"]
         lines.append(
             f"| {t['task']} | {t['metric']} | {t['estimate']['n']} | {_pct(t['baseline'])} "
-            f"| {_pct(t['artifact'])} | {_pct(t['drop'])} | [{_pct(low)}, {_pct(high)}] "
+            f"| {_pct(t['artifact'])} | {drop_text(t)} | [{_pct(low)}, {_pct(high)}] "
             f"| {_pct(t['upper'])} | {budget} | {t['rule']} | {outcome_text(t)} |"
         )
+    if any(drop_adjusted(t) for t in gate["tasks"]):
+        lines += ["", ADJUSTED_NOTE]
     if gate.get("quality"):
         lines += [
             "",
@@ -77,6 +79,9 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
                 f"| {q['signal']} | {q['value']:.4f} | [{low:.4f}, {high:.4f}] "
                 f"| {q['bound']:.4f} | {side} {q['limit']:.4f} | {q['rule']} | {outcome_text(q)} |"
             )
+        note = quality_scale_note(gate["quality"])
+        if note:
+            lines += ["", note]
     sequential = gate.get("sequential")
     if sequential:
         lines += [
@@ -86,6 +91,42 @@ def gate_lines(gate: dict[str, Any]) -> list[str]:
             f"{sequential['items_planned']:,} artifact items scored.",
         ]
     return lines
+
+
+ADJUSTED_NOTE = (
+    "adj.: the drop the interval and upper bound are built around (Agresti–Min: half a "
+    "pseudo-count in each cell of the paired 0/1 table, which pulls it toward 0)."
+)
+
+
+def task_center(task: dict[str, Any]) -> float:
+    """The drop a task's interval is built around (older reports hold it only in "estimate")."""
+    return task.get("center", task["estimate"]["center"])
+
+
+def drop_adjusted(task: dict[str, Any]) -> bool:
+    """Whether the interval's own estimate differs from the plain drop at the shown precision."""
+    return _pct(task_center(task)) != _pct(task["drop"])
+
+
+def drop_text(task: dict[str, Any]) -> str:
+    """The plain drop (baseline − artifact), and the adjusted one the interval is built around
+    where the two differ as shown: with few items on a collapsed task, the plain drop can lie
+    outside the interval, and the table must not look self-contradictory."""
+    drop = _pct(task["drop"])
+    return f"{drop} (adj. {_pct(task_center(task))})" if drop_adjusted(task) else drop
+
+
+def quality_scale_note(quality: list[dict[str, Any]]) -> str:
+    """On which scale each quality signal was decided (the table shows its own scale)."""
+    decided_on = [f"{q['signal']} on the {q['check']['scale']}" for q in quality if "check" in q]
+    if not decided_on:
+        return ""  # a report written before the check's scale was recorded
+    return (
+        "Values, intervals, bounds and limits are on each signal's own scale; the gate decides "
+        f"on a larger-is-worse one: {'; '.join(decided_on)} (the `check` entries of the JSON "
+        "report)."
+    )
 
 
 def outcome_text(check: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from compress.artifact import (
     MANIFEST,
+    NOT_CARRIED_BY_EXPORTS,
     PACKED_FORMAT,
     REPORT_FILES,
     WEIGHTS,
@@ -171,11 +172,12 @@ def export_onnx(
             if name not in _NOT_COPIED:
                 shutil.copy2(source / name, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        fields = {k: v for k, v in manifest.items() if k not in ("files", "created", "versions")}
+        fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
         fields["export"] = {
             "format": "onnx",
             "from": str(source),
             "from_manifest_sha256": sha256_file(source / MANIFEST),
+            "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
             **graph,
         }
         seal_manifest(tmp, fields)

@@ -8,13 +8,14 @@ to remove; exactly one of the two.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from compress.schema import MAX_COUNT, MAX_WIDTH, ExactInt, FieldError, StrictConfig
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# A decoder layer index (0-based); the model's own layer count is checked at preflight.
+LayerIndex = Annotated[int, Field(ge=0, lt=MAX_COUNT)]
 
 
 def _exactly_one(model: BaseModel, *fields: str) -> None:
@@ -23,7 +24,7 @@ def _exactly_one(model: BaseModel, *fields: str) -> None:
         raise ValueError(f"set exactly one of {', '.join(fields)} (got {given or 'none'})")
 
 
-class HeadTarget(_Strict):
+class HeadTarget(StrictConfig):
     """Attention heads to keep, GQA-aware."""
 
     unit: Literal["query", "kv_group"] = Field(
@@ -36,6 +37,7 @@ class HeadTarget(_Strict):
     keep: int | None = Field(
         None,
         gt=0,
+        le=MAX_COUNT,
         description="unit query: query heads kept per layer (a multiple of "
         "num_key_value_heads); unit kv_group: KV groups kept per layer",
     )
@@ -53,16 +55,17 @@ class HeadTarget(_Strict):
         return self
 
 
-class FFNTarget(_Strict):
+class FFNTarget(StrictConfig):
     """FFN (MLP) channels to keep: gate/up rows and down columns together."""
 
-    keep: int | None = Field(None, gt=0, description="channels kept per layer")
+    keep: int | None = Field(None, gt=0, le=MAX_WIDTH, description="channels kept per layer")
     ratio: float | None = Field(
         None, ge=0, lt=1, description="share of channels removed (0.25 = a quarter)"
     )
     multiple_of: int = Field(
         1,
         gt=0,
+        le=MAX_COUNT,
         description="kept channels are a multiple of this (e.g. 64) so shapes stay kernel- "
         "and group-size-friendly; a ratio is rounded to the nearest multiple",
     )
@@ -71,21 +74,22 @@ class FFNTarget(_Strict):
     def _one_target(self) -> FFNTarget:
         _exactly_one(self, "keep", "ratio")
         if self.keep is not None and self.keep % self.multiple_of:
-            raise ValueError(
-                f"keep {self.keep} is not a multiple of multiple_of {self.multiple_of}"
+            raise FieldError(
+                ("keep",), f"keep {self.keep} is not a multiple of multiple_of {self.multiple_of}"
             )
         return self
 
 
-class LayerTarget(_Strict):
+class LayerTarget(StrictConfig):
     """Whole decoder layers to remove (depth pruning)."""
 
     remove: int | None = Field(
         None,
         gt=0,
+        lt=MAX_COUNT,
         description="how many layers to remove, those with the lowest score first",
     )
-    indices: list[int] | None = Field(
+    indices: list[LayerIndex] | None = Field(
         None, min_length=1, description="exactly which layers to remove (0-based)"
     )
     criterion: Literal["cosine"] = Field(
@@ -97,15 +101,12 @@ class LayerTarget(_Strict):
     @model_validator(mode="after")
     def _one_target(self) -> LayerTarget:
         _exactly_one(self, "remove", "indices")
-        if self.indices is not None:
-            if any(i < 0 for i in self.indices):
-                raise ValueError(f"indices must be ≥ 0, got {self.indices}")
-            if len(set(self.indices)) != len(self.indices):
-                raise ValueError(f"indices listed twice: {self.indices}")
+        if self.indices is not None and len(set(self.indices)) != len(self.indices):
+            raise FieldError(("indices",), f"indices listed twice: {self.indices}")
         return self
 
 
-class PruneConfig(_Strict):
+class PruneConfig(StrictConfig):
     """Structured pruning of attention heads, FFN channels and decoder layers."""
 
     type: Literal["prune"] = "prune"
@@ -116,7 +117,9 @@ class PruneConfig(_Strict):
         "tokens (activations × output weights, Wanda-like); taylor = |Σ gradient × weight| of "
         "the calibration loss (first-order estimate of the loss change)",
     )
-    norm: Literal[1, 2] = Field(2, description="weight norm of the magnitude criterion (L1 or L2)")
+    norm: Annotated[Literal[1, 2], ExactInt] = Field(
+        2, description="weight norm of the magnitude criterion (L1 or L2)"
+    )
     heads: HeadTarget | None = None
     ffn: FFNTarget | None = None
     layers: LayerTarget | None = None

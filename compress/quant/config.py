@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from compress.schema import MAX_COUNT, MAX_WIDTH, ExactInt, FieldError, StrictConfig, Text
 
 PER_CHANNEL = -1  # the one `group_size` vocabulary: -1 = one scale per output channel
+Bits = Annotated[Literal[4, 8], ExactInt]
 
 
-class GPTQOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def check_group_size(group_size: int, bits: int | None) -> int:
+    """-1, or a positive group that fills whole int32 words at `bits` (None: bits invalid)."""
+    if group_size != PER_CHANNEL and group_size <= 0:
+        raise ValueError(f"must be -1 (per channel) or positive, got {group_size}")
+    if bits is not None and group_size > 0 and (group_size * bits) % 32:
+        raise ValueError(
+            f"{group_size} does not fill whole int32 words at {bits} bits "
+            f"(needs a multiple of {32 // bits})"
+        )
+    return group_size
 
+
+class GPTQOptions(StrictConfig):
     damp_percent: float = Field(
         0.01, gt=0, le=1, description="dampening added to the Hessian, × its mean diagonal"
     )
-    block_size: int = Field(128, gt=0, description="columns per lazy batch update")
+    block_size: int = Field(128, gt=0, le=MAX_COUNT, description="columns per lazy batch update")
     act_order: bool = Field(
         False,
         description="quantize columns by decreasing Hessian diagonal; groups stay static, so "
@@ -30,22 +36,20 @@ class GPTQOptions(BaseModel):
     )
 
 
-class QuantizeConfig(BaseModel):
+class QuantizeConfig(StrictConfig):
     """Weight-only integer quantization of Linear layers.
 
     `group_size` uses one vocabulary for every bit width: -1 means one scale (and zero point)
     per output channel, a positive value means one per `group_size` consecutive input features.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     type: Literal["quantize"] = "quantize"
     method: Literal["rtn", "gptq"] = Field(
         "rtn", description="rtn = round to nearest; gptq = error-compensating, needs calibration"
     )
-    bits: Literal[4, 8] = Field(..., description="bits per stored weight")
+    bits: Bits = Field(..., description="bits per stored weight")
     group_size: int = Field(
-        PER_CHANNEL, description="-1 = per output channel, else a positive group"
+        PER_CHANNEL, le=MAX_WIDTH, description="-1 = per output channel, else a positive group"
     )
     symmetric: bool = Field(True, description="False stores a zero point per group")
     observer: Literal["minmax", "mse"] = Field(
@@ -54,18 +58,19 @@ class QuantizeConfig(BaseModel):
         "shrunk (down to 0.8×) to the least quantization error, weighted by the Hessian "
         "diagonal under gptq",
     )
-    include: list[str] | None = Field(
+    include: list[Text] | None = Field(
         None,
+        min_length=1,
         description="glob patterns over module names to quantize; default: every Linear "
         "inside the decoder layers (embeddings and lm_head stay in the source dtype)",
     )
-    exclude: list[str] = Field(default_factory=list, description="glob patterns to leave alone")
+    exclude: list[Text] = Field(default_factory=list, description="glob patterns to leave alone")
     gptq: GPTQOptions | None = Field(None, description="GPTQ settings (method gptq only)")
 
     @model_validator(mode="after")
     def _gptq_options_only_for_gptq(self) -> QuantizeConfig:
         if self.gptq is not None and self.method != "gptq":
-            raise ValueError("`gptq` options are set but method is not gptq")
+            raise FieldError(("gptq",), "`gptq` options are set but method is not gptq")
         return self
 
     @property
@@ -80,15 +85,7 @@ class QuantizeConfig(BaseModel):
     @classmethod
     def _check_group_size(cls, group_size: int, info: ValidationInfo) -> int:
         # A field validator (not a model validator) so errors point at `...group_size`.
-        if group_size != PER_CHANNEL and group_size <= 0:
-            raise ValueError(f"must be -1 (per channel) or positive, got {group_size}")
-        bits = info.data.get("bits")
-        if bits is not None and group_size > 0 and (group_size * bits) % 32:
-            raise ValueError(
-                f"{group_size} does not fill whole int32 words at {bits} bits "
-                f"(needs a multiple of {32 // bits})"
-            )
-        return group_size
+        return check_group_size(group_size, info.data.get("bits"))
 
     @property
     def scheme(self) -> str:

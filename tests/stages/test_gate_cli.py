@@ -12,6 +12,7 @@ import pytest
 from compress import pipeline
 from compress.cli import main
 from compress.errors import EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REJECTED
+from compress.seal import sealed
 from tests.stages.test_pipeline import scorer, write_recipe  # noqa: F401  (fixture)
 
 ITEMS = 1000
@@ -83,7 +84,28 @@ def test_replay_refuses_results_that_do_not_pair(shipped_report, tmp_path, caplo
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(report))
     assert main(["gate", "--replay", str(edited)]) == EXIT_BAD_INPUT
+    assert "seal does not match" in caplog.text  # a hand edit is caught first
+    # Even a report whose seal was recomputed (its writer was not the gate) must pair.
+    edited.write_text(json.dumps(sealed(report)))
+    assert main(["gate", "--replay", str(edited)]) == EXIT_BAD_INPUT
     assert message in caplog.text
+
+
+def test_a_forged_report_does_not_replay(shipped_report, tmp_path, caplog):
+    """The attack: the artifact's own report.json edited to turn its verdict around."""
+    report = json.loads(shipped_report.read_text())
+    items = report["evaluation"]["artifact"]["mmlu"]["items"]
+    for item in list(items)[:300]:
+        items[item] = 0.0  # a 30-point drop: a replay would reject
+    shipped_report.write_text(json.dumps(report))
+    assert main(["gate", "--replay", str(shipped_report)]) == EXIT_BAD_INPUT
+    assert "seal does not match" in caplog.text
+    # Recomputing the report's own seal does not help inside an artifact: its manifest
+    # sealed the report's bytes, and verify fails too.
+    shipped_report.write_text(json.dumps(sealed(report)))
+    assert main(["gate", "--replay", str(shipped_report)]) == EXIT_BAD_INPUT
+    assert "differs from the report sealed in" in caplog.text
+    assert main(["verify", str(shipped_report.parent)]) == EXIT_BAD_INPUT
 
 
 @pytest.mark.parametrize(
@@ -138,7 +160,7 @@ def test_sweep_page_compares_artifacts(shipped_report, tmp_path):
     other["recipe"], other["verdict"] = "smaller", "reject"
     other["sizes"]["artifact_bytes"] //= 2
     second = tmp_path / "second.json"
-    second.write_text(json.dumps(other))
+    second.write_text(json.dumps(sealed(other)))
     page = tmp_path / "sweep.html"
     assert main(["report", str(shipped_report), str(second), "--out", str(page)]) == EXIT_OK
     text = page.read_text()

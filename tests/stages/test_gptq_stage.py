@@ -12,8 +12,8 @@ from compress.models import load_model, replace_module, resolve_source
 from compress.quant.config import QuantizeConfig
 from compress.quant.gptq import accumulate_hessian, gptq_quantize
 from compress.quant.linear import QuantLinear
+from compress.quant.plan import spec_of
 from compress.quant.sequential import capture_first_layer_inputs, data_flow_steps
-from compress.quant.stage import spec_of
 from compress.recipe import ModelConfig
 from compress.registry import StageContext, handler_for
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from compress.evaluate import lm_eval_runner
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.quant.linear import QuantLinear
 from compress.registry import handler_for
+from tests.conftest import save_tiny_llama
 
 N_ITEMS = 20
 
@@ -186,10 +188,53 @@ def test_quality_budget_rejects_what_the_task_budgets_pass(tmp_path, tiny_llama_
     report = json.loads((artifact / "report.json").read_text())
     checks = {q["signal"]: q for q in report["gate"]["quality"]}
     assert checks["kl_divergence"]["passed"] is False
-    assert checks["kl_divergence"]["value"] == report["quality"]["kl_divergence"]
+    kl = report["quality"]["kl_divergence"]
+    assert checks["kl_divergence"]["value"] == pytest.approx(kl, rel=1e-12)
     assert checks["perplexity_increase"]["passed"] is True
     assert all(t["passed"] for t in report["gate"]["tasks"])
     assert "| kl_divergence |" in (artifact / "report.md").read_text()
+    assert not (tmp_path / "runs" / "release").exists()
+
+
+def test_a_collapsed_artifact_is_rejected_with_its_report_and_plots(
+    tmp_path, demo_tokenizer, scorer, caplog
+):
+    """The failure a release pipeline must never see as exit 1: an artifact whose outputs
+    collapse (perplexity doubled, KL of nats, every task item lost) ends in exit 3, sealed in
+    rejected/ with a report whose every interval is on its signal's scale and holds its
+    value, and the gate's plot drawn."""
+    source = save_tiny_llama(tmp_path / "peaked", demo_tokenizer, initializer_range=0.5)
+    scorer(artifact_right=0)
+    held_out = write_held_out(tmp_path)
+    recipe = write_recipe(
+        tmp_path,
+        source,
+        stages=[{"type": "quantize", "bits": 4, "group_size": -1, "symmetric": True}],
+        eval={
+            "tasks": [{"name": "mmlu", "limit": 1}],
+            "quality": {"path": str(held_out), "seq_len": 64, "max_windows": 4},
+        },
+        gate={
+            "budgets": {"mmlu": {"max_drop": 0.10}},
+            "quality": {
+                "max_kl_divergence": 0.2,
+                "max_perplexity_increase": 0.15,
+                "min_top1_agreement": 0.75,
+            },
+        },
+    )
+    with caplog.at_level(logging.WARNING):
+        assert main(["run", str(recipe)]) == EXIT_REJECTED
+    folder = tmp_path / "runs" / "rejected" / "tiny-mixed"
+    assert verify_artifact(folder)["verdict"]["verdict"] == "reject"
+    report = json.loads((folder / "report.json").read_text())
+    quality = {q["signal"]: q for q in report["gate"]["quality"]}
+    assert quality["kl_divergence"]["value"] > 1 and quality["perplexity_increase"]["value"] > 0.5
+    for check in quality.values():
+        low, high = check["interval"]
+        assert low <= check["value"] <= high and check["outcome"] == "reject"
+    assert "not drawn" not in caplog.text  # the plot of a collapse is drawn, not skipped
+    assert "data:image/png;base64," in (folder / "report.html").read_text()
     assert not (tmp_path / "runs" / "release").exists()
 
 
@@ -320,6 +365,34 @@ def test_resume_after_interruption_skips_completed_stages(
     assert (outcome.artifact_dir / "model.safetensors").read_bytes() == reference_weights
 
 
+def test_interrupted_between_verdict_seal_and_publish_resumes(
+    tmp_path, tiny_llama_dir, scorer, monkeypatch
+):
+    """Killed after the verdict was sealed into the work directory's artifact but before it
+    was published: nothing is released half-done, and --resume writes the report again,
+    reseals and publishes a complete artifact."""
+    scorer(artifact_right=N_ITEMS)
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    real_publish = pipeline.publish
+
+    def interrupted(*_args, **_kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(pipeline, "publish", interrupted)
+    with pytest.raises(Interrupted):
+        pipeline.run(recipe)
+    work_artifact = tmp_path / "runs" / "work" / "tiny-mixed" / "artifact"
+    assert verify_artifact(work_artifact)["verdict"]["verdict"] == "ship"
+    assert not (tmp_path / "runs" / "release").exists()
+
+    monkeypatch.setattr(pipeline, "publish", real_publish)
+    outcome = pipeline.run(recipe, resume=True)
+    assert outcome.verdict == "ship"
+    manifest = verify_artifact(outcome.artifact_dir)
+    assert manifest["verdict"]["verdict"] == "ship" and "report.json" in manifest["files"]
+    assert not (tmp_path / "runs" / "work" / "tiny-mixed").exists()
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_llama_dir, scorer, monkeypatch):
     scorer(artifact_right=N_ITEMS)
     recipe = write_recipe(tmp_path, tiny_llama_dir)
@@ -441,9 +514,14 @@ def test_prune_then_quantize_through_the_pipeline(tmp_path, tiny_llama_dir, scor
 
 
 def test_quantize_after_prune_is_checked_against_the_pruned_shapes(
-    tmp_path, tiny_llama_dir, scorer, caplog
+    tmp_path, tiny_llama_dir, scorer, caplog, monkeypatch
 ):
     scripted = scorer(artifact_right=N_ITEMS)
+
+    def no_weights(*_args):
+        raise AssertionError("the weights loaded before the stages were checked")
+
+    monkeypatch.setattr(pipeline, "load_weights", no_weights)
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
@@ -454,8 +532,8 @@ def test_quantize_after_prune_is_checked_against_the_pruned_shapes(
         ],
     )
     assert main(["run", str(recipe)]) == EXIT_BAD_INPUT
-    assert "stages[1] (quantize)" in caplog.text and "in_features=80" in caplog.text
-    assert scripted.calls == []  # refused before the baseline was scored
+    assert "stages[1].group_size" in caplog.text and "in_features=80" in caplog.text
+    assert scripted.calls == []  # refused before the weights loaded (the skeleton was checked)
     assert not (tmp_path / "runs" / "work" / "tiny-mixed" / "checkpoint").exists()
 
 

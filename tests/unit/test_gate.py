@@ -148,6 +148,7 @@ def test_quality_budgets_decide_with_intervals_over_windows(budget, verdict):
     for q in decision.quality:
         low, high = q.interval
         assert low <= q.value <= high
+        assert (q.bound >= q.value) if q.kind == "max" else (q.bound <= q.value)
 
 
 def test_quality_point_rule_and_missing_measurement():
@@ -201,4 +202,8 @@ def test_report_shows_intervals_bounds_and_outcomes():
     assert row + "| non_inferiority | FAIL |" in text
     assert "| mmlu | acc | 10 | 50.0 | 50.0 | 0.0 |" in text
     assert report["verdict"] == "reject"
+    (stored,) = report["gate"]["quality"]
+    assert "upper" not in stored and "lower" not in stored  # check-scale numbers are nested
+    assert stored["check"]["upper"] == stored["bound"] == kl.bound  # KL: the scales agree
+    assert "kl_divergence on the mean KL(baseline ‖ artifact) per token, nats" in text
     assert "Holm over 1 non-inferiority check)" in report["gate"]["rule"]
