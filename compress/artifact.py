@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.errors import ArtifactError
+from compress.evaluate.plots import PLOT_PREFIX  # plots beside the report, sealed with it
 from compress.fileio import replace_dir, sha256_file, staging_dir
 from compress.models import DTYPES, replace_module
 from compress.quant.config import PER_CHANNEL
@@ -60,7 +61,6 @@ REPORT = "report.json"
 # sealed into the manifest with the verdict; plots are named report-*.
 REPORT_FILES = frozenset({REPORT, "report.md", "report.html", "README.md"})
 # Files written after sealing, outside it: verify() neither requires nor refuses them.
-PLOT_PREFIX = "report-"  # plots beside the report (compress/evaluate/plots.py)
 ANNEX_FILES = frozenset({SIGNATURE, "bench.json", "bench.md"})
 # Manifest fields an export does not carry over: its own files, time and versions, and the
 # source's verdict (an export records it as `export.from_verdict`; the export itself was not

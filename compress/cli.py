@@ -146,13 +146,14 @@ def _options(config_type: Any, data: dict[str, Any]) -> Any:
     naming the setting (`--limit` sets `tasks[i].limit`)."""
     from pydantic import ValidationError
 
+    from compress.recipe import format_validation_error
+
     try:
         return config_type.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise BadInputError(f"command-line options: {problems}") from None
+        raise BadInputError(
+            format_validation_error(exc, "--limit/--num-fewshot", "settings")
+        ) from None
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:

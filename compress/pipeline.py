@@ -220,7 +220,6 @@ def check_task_limits(recipe: Recipe) -> None:
 
 def check_inputs(recipe: Recipe) -> tuple[ResolvedSource, Path | None]:
     """The checks that need neither the model nor its tokenizer (fast, fail with a path)."""
-    check_output_dir(output_root(recipe))
     data_dir = lm_eval_runner.resolve_eval_data_dir(recipe.eval)
     lm_eval_runner.check_tasks(recipe.eval)
     check_task_limits(recipe)
@@ -267,6 +266,7 @@ def check(recipe_path: str | Path) -> dict[str, Any]:
     """`compress check`: what `run` checks before the model's weights load, and nothing else."""
     recipe = load_recipe(recipe_path)
     with naming_the_recipe(recipe_path):
+        check_output_dir(output_root(recipe))  # `run` checks it before taking its lock
         prepared = prepare(recipe)
     return {
         "recipe": recipe.name,
@@ -603,7 +603,16 @@ def _run_locked(
         scores, quality = score_artifact(recipe, prepared, layout, baseline)
     decision = decide(baseline.tasks, scores, recipe.gate, quality)
     report = write_report(
-        recipe, prepared, layout, state, baseline, scores, quality, decision, clock.total()
+        recipe,
+        prepared,
+        layout,
+        state,
+        baseline,
+        scores,
+        quality,
+        decision,
+        {"display": prepared.source.display, "sha256": source_sha},
+        clock.total(),
     )
     final = seal_and_publish(layout, decision, sign_key)
     log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
@@ -709,11 +718,11 @@ def write_report(
     scores: dict[str, TaskResult],
     quality: QualityResult | None,
     decision: GateDecision,
+    source: dict[str, str],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """report.json (sealed: compress gate --replay checks it) and its renderings beside the
     artifact; a rendering that fails is logged and noted, never the verdict's undoing."""
-    source_sha = read_manifest(layout.artifact)["source"]["sha256"]
     report = build_report(
         recipe_name=recipe.name,
         decision=decision,
@@ -727,7 +736,7 @@ def write_report(
             "baseline": {k: v.to_dict() for k, v in baseline.tasks.items()},
             "artifact": {k: v.to_dict() for k, v in scores.items()},
         },
-        source={"display": prepared.source.display, "sha256": source_sha},
+        source=source,
         quality=None if quality is None else quality.to_dict(),
         gate_config=recipe.gate.model_dump(mode="json"),
     )

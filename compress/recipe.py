@@ -385,9 +385,10 @@ MAX_ERROR_LINES = 20
 MAX_MESSAGE = 300
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, what: str = "recipe") -> str:
+    """One line per error, each naming its field path; `source` names where the data came from."""
     errors = exc.errors()
-    lines = [f"{source}: invalid recipe"]
+    lines = [f"{source}: invalid {what}"]
     for err in errors[:MAX_ERROR_LINES]:
         message = err["msg"]
         if len(message) > MAX_MESSAGE:
@@ -450,7 +451,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(exc, source)) from None
+        raise RecipeError(format_validation_error(exc, source)) from None
     except RecursionError:  # a bound missed above must still be bad input, not a crash
         raise RecipeError(f"{source}: nested too deeply to validate") from None
 

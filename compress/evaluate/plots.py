@@ -12,7 +12,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PLOT_PREFIX = "report-"  # artifact files named report-* are written after the manifest
+PLOT_PREFIX = "report-"  # report-*.png beside the report, sealed with it and the verdict
 
 
 def loss_curve_name(stage_index: int) -> str:

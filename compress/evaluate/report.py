@@ -161,14 +161,6 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {quality['baseline_perplexity']:.3f} | {quality['perplexity']:.3f} "
             f"| {quality['kl_divergence']:.4f} | {_pct(quality['top1_agreement'])}% |",
         ]
-    for key, runtime in (("bench", "torch"), ("bench_onnx", "onnx")):
-        if report.get(key):
-            lines += [
-                "",
-                f"## Speed (`compress bench --runtime {runtime}`)",
-                "",
-                report[key]["table"],
-            ]
     sizes = report["sizes"]
     lines += [
         "",
