@@ -13,12 +13,16 @@ The whole text is tokenized once, as one stream, and windows are cut from that s
 - `evaluation_windows` (perplexity, KL divergence) takes consecutive windows from the start:
   the standard fixed-length perplexity protocol, fully determined by the text and `seq_len`.
 
-No special tokens are added (`add_special_tokens=False`). A tokenizer that prepends BOS would
-put it once, at the very start of the stream, so exactly one window would begin with BOS and
-every other would not; and BOS in front of a window cut mid-sentence claims a document start
-that is not there. Without special tokens every window is the same kind of thing: plain text
-tokens. Baseline and compressed model always see identical windows, so the convention does not
-bias the comparison between them.
+Windows follow the model's own convention, as lm-eval and llama.cpp's perplexity do. The text
+is tokenized without special tokens, and where the tokenizer puts BOS in front of text in use
+(`window_bos`), every window is BOS followed by `seq_len - 1` text tokens: a model trained with
+BOS (Gemma, Llama 3, Mistral, Phi) treats a sequence without it as out of distribution (a
+Gemma-family checkpoint scored perplexity 46.0 with BOS and 139.9 without on the same 511
+WikiText tokens), and GPTQ's Hessians and the distillation loss must see the activations the
+model sees in use, BOS's attention sink included. Every position is scored the same way in both
+conventions (position t predicts token t + 1): with BOS, the first text token is predicted
+from BOS alone. Where the tokenizer adds no BOS (SmolLM2, Qwen), windows are text tokens only.
+Baseline and compressed model always see identical windows.
 
 Asking for more tokens than the source holds is a `DataError` that states both counts, never a
 silently smaller set.
@@ -131,6 +135,41 @@ def load_text(source: str, *, field: str = CALIBRATION_FIELD) -> str:
     return text
 
 
+def window_bos(tokenizer: Any) -> int | None:
+    """BOS's id when the tokenizer puts it in front of text in use, else None.
+
+    Asked of the tokenizer itself, by encoding a short text with special tokens on, rather than
+    of `add_bos_token`: not every tokenizer class has that flag, and the encoding is what lm-eval
+    and a serving stack will feed the model.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def describe_windows(tokenizer: Any) -> dict[str, Any]:
+    """The window convention as the report states it."""
+    bos = window_bos(tokenizer)
+    token = None if bos is None else tokenizer.convert_ids_to_tokens(bos)
+    return {"starts_with_bos": bos is not None, "bos_token_id": bos, "bos_token": token}
+
+
+def _text_tokens_per_window(seq_len: int, bos: int | None) -> int:
+    length = seq_len - (bos is not None)
+    if length < 1:
+        raise DataError(f"seq_len {seq_len} leaves no room for text after the tokenizer's BOS")
+    return length
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(N, L) text windows → (N, L + 1) with BOS in front, or unchanged without BOS."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def tokenize(text: str, tokenizer: Any) -> torch.Tensor:
     """The whole text as one int64 token stream, without special tokens (module docstring)."""
     # verbose=False: the stream is longer than the model's context on purpose; do not warn.
@@ -181,27 +220,31 @@ def token_windows(
     """`(num_samples, seq_len)` int64 windows at seeded random, non-overlapping offsets.
 
     The same (text, tokenizer, seed) gives the same windows; another seed gives others (as long
-    as the text has tokens to spare). `source` only names the text in error messages.
+    as the text has tokens to spare). With a BOS tokenizer each window is BOS + `seq_len - 1`
+    text tokens (module docstring). `source` only names the text in error messages.
     """
     _check_positive(num_samples=num_samples, seq_len=seq_len)
+    bos = window_bos(tokenizer)
+    length = _text_tokens_per_window(seq_len, bos)
     tokens = tokenize(text, tokenizer)
-    requested = num_samples * seq_len
+    requested = num_samples * length
     if requested > tokens.numel():
         raise DataError(
             f"{source} holds {tokens.numel():,} tokens; {num_samples} non-overlapping windows of "
-            f"{seq_len} tokens need {requested:,}. Lower num_samples or seq_len, or use a "
+            f"{length} text tokens need {requested:,}. Lower num_samples or seq_len, or use a "
             f"longer text"
         )
-    offsets = non_overlapping_offsets(tokens.numel(), num_samples, seq_len, seed)
+    offsets = non_overlapping_offsets(tokens.numel(), num_samples, length, seed)
     log.info(
-        "%d windows × %d tokens drawn (seed %d) from %s (%s tokens)",
+        "%d windows × %d tokens drawn (seed %d) from %s (%s tokens)%s",
         num_samples,
         seq_len,
         seed,
         source,
         f"{tokens.numel():,}",
+        "" if bos is None else ", each starting with BOS",
     )
-    return _cut(tokens, offsets, seq_len)
+    return _with_bos(_cut(tokens, offsets, length), bos)
 
 
 def check_text_source(source: str, *, field: str = CALIBRATION_FIELD) -> None:
@@ -258,19 +301,22 @@ def evaluation_windows(
 ) -> torch.Tensor:
     """Consecutive non-overlapping `seq_len` windows from the start of the text: `(N, seq_len)`.
 
-    The standard fixed-length perplexity protocol, deterministic. The tail shorter than one
-    window is dropped. `max_windows` caps N; a text with fewer full windows gives fewer (logged
-    as a warning), and a text shorter than one window is a `DataError`.
+    The standard fixed-length perplexity protocol, deterministic; with a BOS tokenizer each
+    window is BOS + `seq_len - 1` consecutive text tokens (module docstring). The tail shorter
+    than one window is dropped. `max_windows` caps N; a text with fewer full windows gives fewer
+    (logged as a warning), and a text shorter than one window is a `DataError`.
     """
     _check_positive(seq_len=seq_len)
     if max_windows is not None:
         _check_positive(max_windows=max_windows)
+    bos = window_bos(tokenizer)
+    length = _text_tokens_per_window(seq_len, bos)
     tokens = tokenize(text, tokenizer)
-    available = tokens.numel() // seq_len
+    available = tokens.numel() // length
     if available == 0:
         raise DataError(
             f"the evaluation text holds {tokens.numel():,} tokens, fewer than one window of "
-            f"{seq_len}"
+            f"{length} text tokens"
         )
     count = available if max_windows is None else min(available, max_windows)
     if max_windows is not None and count < max_windows:
@@ -280,4 +326,4 @@ def evaluation_windows(
             seq_len,
             max_windows,
         )
-    return tokens[: count * seq_len].reshape(count, seq_len)
+    return _with_bos(tokens[: count * length].reshape(count, length), bos)

@@ -56,6 +56,7 @@ from compress.calibration import (
     calibration_device,
     check_calibration_source,
     check_text_source,
+    describe_windows,
     evaluation_windows,
     load_text,
 )
@@ -733,6 +734,7 @@ def write_report(
             "lm_eval_version": lm_eval_runner.lm_eval_version(),
             "data_source": str(prepared.data_dir) if prepared.data_dir else "hub",
             "baseline_cached": baseline.cached,
+            "windows": describe_windows(prepared.tokenizer),
             "baseline": {k: v.to_dict() for k, v in baseline.tasks.items()},
             "artifact": {k: v.to_dict() for k, v in scores.items()},
         },

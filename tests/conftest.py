@@ -78,6 +78,17 @@ def demo_tokenizer(demo_gguf: Path):
     return AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(tmp_path_factory, demo_tokenizer):
+    """The demo tokenizer made to put BOS in front of text, as Gemma's, Llama 3's and Mistral's
+    do (the demo's own adds none): saved and reloaded with `add_bos_token=True`."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("bos-tokenizer")
+    demo_tokenizer.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, add_bos_token=True)
+
+
 def save_tiny_llama(
     directory: Path,
     tokenizer,

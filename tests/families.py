@@ -61,12 +61,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 def family_config(family: str, vocab_size: int, **overrides: Any) -> Any:
-    """The family's config class filled with COMMON, its conventions and `overrides`."""
+    """The family's config class filled with COMMON, its conventions and `overrides` (any other
+    model_type, e.g. "cohere", gets COMMON and `overrides` only)."""
     from transformers import AutoConfig
 
     # Special token ids inside the tiny vocabulary (some families default to ids above it).
     tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    kwargs = {**COMMON, **tokens, **FAMILIES[family], "vocab_size": vocab_size, **overrides}
+    kwargs = {**COMMON, **tokens, **FAMILIES.get(family, {}), "vocab_size": vocab_size, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return AutoConfig.for_model(family, **kwargs)
 
@@ -78,7 +79,9 @@ def tiny_family_model(
 
     config = family_config(family, vocab_size, **overrides)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    # dtype at construction, as from_pretrained does: `.to(dtype)` would also round the
+    # float32 rotary buffers (inv_freq) and change the logits a reloaded model gives.
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def save_tiny_family(

@@ -16,6 +16,7 @@ from compress.evaluate.report import (
     drop_text,
     outcome_text,
     quality_scale_note,
+    window_convention,
 )
 
 STYLE = """
@@ -213,6 +214,7 @@ def render_report_html(report: dict[str, Any], directory: Path) -> str:
                     ]
                 ],
             ),
+            f"<p>{escape(window_convention(report['evaluation'].get('windows')))}</p>",
         ]
     sizes = report["sizes"]
     size_rows = [["artifact on disk", f"{sizes['artifact_bytes'] / 1e6:.1f} MB"]]

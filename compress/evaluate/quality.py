@@ -53,9 +53,11 @@ Alternatives, and why not:
   loaded next to the compressed model; the pipeline compresses in place and reloads the
   artifact from disk, so the baseline would have to be loaded a second time.
 
-Limit: a model whose logits are not just its output layer applied to the last hidden state
-(e.g. Gemma-2's final-logit soft-capping) cannot be replayed; `baseline_logprobs` detects that
-while capturing and raises `BadInputError` instead of measuring something else.
+Logits post-processed after the output layer are replayed with the model's own post-processing
+(`LogitPostprocessing`, read from its config): Gemma 2/3's final soft-capping, Granite's
+`logits_scaling`, Cohere's `logit_scale`. Any other difference between the replay and the
+model's logits is caught while capturing (`baseline_logprobs` raises `BadInputError`) instead of
+measuring something else.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -291,13 +293,58 @@ def measure_perplexity(
 # --------------------------------------------------------------------------- the baseline
 
 
+@dataclass(frozen=True)
+class LogitPostprocessing:
+    """What a model does to its output layer's result before returning logits, in the order and
+    dtype its forward does it, so that the replay stays bit-exact:
+    `logits * multiply_by` (Cohere), `/ divide_by` (Granite), then `tanh(x / c) · c` (Gemma 2/3
+    final soft-capping)."""
+
+    multiply_by: float | None = None
+    divide_by: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply_by is not None:
+            logits = logits * self.multiply_by
+        if self.divide_by is not None:
+            logits = logits / self.divide_by
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def describe(self) -> str:
+        steps = [
+            f"× {self.multiply_by}" if self.multiply_by is not None else "",
+            f"/ {self.divide_by}" if self.divide_by is not None else "",
+            f"soft-capped at {self.softcap}" if self.softcap is not None else "",
+        ]
+        return ", ".join(step for step in steps if step) or "none"
+
+
+def _config_float(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def logit_postprocessing(model: nn.Module) -> LogitPostprocessing:
+    """The post-processing named by the model's config (module docstring); none for most."""
+    config = getattr(model, "config", None)
+    return LogitPostprocessing(
+        multiply_by=_config_float(config, "logit_scale"),
+        divide_by=_config_float(config, "logits_scaling"),
+        softcap=_config_float(config, "final_logit_softcapping"),
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class BaselineLogProbs:
     """The baseline's next-token log-probs on a set of windows, kept replayable (module doc).
 
     `hidden[b]` is the input of the output layer for capture batch b (windows
     `b * batch_size ...`), on the CPU in the model's dtype; `head` is a private copy of the
-    output layer. `perplexity` is the baseline's own perplexity on the windows.
+    output layer and `postprocess` what the model does to its result (`LogitPostprocessing`).
+    `perplexity` is the baseline's own perplexity on the windows.
     """
 
     windows: torch.Tensor
@@ -305,6 +352,7 @@ class BaselineLogProbs:
     head: nn.Module
     batch_size: int
     perplexity: PerplexityResult
+    postprocess: LogitPostprocessing = field(default_factory=LogitPostprocessing)
 
     @property
     def nbytes(self) -> int:
@@ -316,7 +364,7 @@ class BaselineLogProbs:
 
     def batch_logits(self, index: int) -> torch.Tensor:
         """The baseline's logits for capture batch `index`: exactly what the model produced."""
-        return self.head(self.hidden[index].to(self.head_device()))
+        return self.postprocess(self.head(self.hidden[index].to(self.head_device())))
 
     @torch.inference_mode()
     def logprobs(self, window: int) -> torch.Tensor:
@@ -353,8 +401,8 @@ def _check_replay(replayed: torch.Tensor, logits: torch.Tensor, model: nn.Module
     )
     raise BadInputError(
         f"{type(model).__name__}: its logits are not its output layer applied to the last "
-        f"hidden state (max |difference| {diff}); models that post-process logits (e.g. "
-        "final-logit soft-capping) are not supported by the compact baseline"
+        f"hidden state followed by its known post-processing (max |difference| {diff}); the "
+        "compact baseline replays soft-capping, logits_scaling and logit_scale only"
     )
 
 
@@ -371,6 +419,7 @@ def baseline_logprobs(
     windows = _check_windows(windows)
     head = _output_layer(model)
     replay_head = copy.deepcopy(head).requires_grad_(False).eval()
+    postprocess = logit_postprocessing(model)
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -386,7 +435,7 @@ def baseline_logprobs(
                     f"{type(model).__name__}: its output layer ran {len(captured)} times in one "
                     "forward pass (expected once)"
                 )
-            _check_replay(replay_head(captured[0]), logits, model)
+            _check_replay(postprocess(replay_head(captured[0])), logits, model)
             hidden.append(captured.pop().to("cpu", copy=True))
             stats.extend(_window_stats_of_batch(batch, logits))
     finally:
@@ -397,6 +446,7 @@ def baseline_logprobs(
         head=replay_head,
         batch_size=batch_size,
         perplexity=perplexity_result(stats),
+        postprocess=postprocess,
     )
     log.info(
         "baseline captured: perplexity %.4f over %d tokens; kept in %.1f MB",

@@ -139,6 +139,18 @@ def outcome_text(check: dict[str, Any]) -> str:
     return {"ship": "pass", "reject": "FAIL", "reported": "reported"}[outcome]
 
 
+def window_convention(windows: dict[str, Any] | None) -> str:
+    """One sentence: whether calibration and held-out windows start with BOS, as in use."""
+    if not windows:
+        return ""
+    if windows["starts_with_bos"]:
+        return (
+            f"Every window starts with BOS (`{windows['bos_token']}`, id {windows['bos_token_id']})"
+            ", as the tokenizer feeds the model in use."
+        )
+    return "Windows are text tokens only: the tokenizer adds no BOS."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# {report['recipe']}: {report['verdict'].upper()}",
@@ -153,7 +165,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "## Quality on held-out text",
             "",
-            f"{quality['num_windows']} windows, {quality['num_tokens']:,} predicted tokens.",
+            f"{quality['num_windows']} windows, {quality['num_tokens']:,} predicted tokens. "
+            + window_convention(report["evaluation"].get("windows")),
             "",
             "| perplexity (baseline) | perplexity (artifact) | KL(baseline ‖ artifact) / token "
             "| top-1 agreement |",

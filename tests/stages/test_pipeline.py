@@ -31,6 +31,7 @@ from compress.evaluate.lm_eval_runner import TaskResult
 from compress.quant.linear import QuantLinear
 from compress.registry import handler_for
 from tests.conftest import save_tiny_llama
+from tests.families import save_tiny_family
 
 N_ITEMS = 20
 
@@ -641,3 +642,48 @@ def test_a_named_teacher_is_loaded_for_distillation(tmp_path, tiny_llama_dir, sc
     )
     outcome = pipeline.run(recipe)
     assert outcome.report["stages"][0]["details"]["steps"] == 2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_bos_windows_and_post_processed_logits_through_the_pipeline(
+    tmp_path, bos_tokenizer, scorer, family
+):
+    """A BOS tokenizer and a model that post-processes its logits (Gemma 2's soft-capping,
+    Granite's logits_scaling): GPTQ calibrates and the gate measures on windows that start with
+    BOS, the KL gate decides, and the report says which convention was used."""
+    scorer(artifact_right=N_ITEMS)
+    source = save_tiny_family(tmp_path / family, family, bos_tokenizer)
+    recipe = write_recipe(
+        tmp_path,
+        source,
+        calibration=small_calibration(tmp_path),
+        stages=[{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}],
+        eval={
+            "tasks": [{"name": "mmlu", "limit": 1}],
+            "quality": {"path": str(write_held_out(tmp_path)), "seq_len": 32, "max_windows": 3},
+        },
+        gate={
+            "rule": "point",
+            "budgets": {"mmlu": {"max_drop": 0.10}},
+            "quality": {"max_kl_divergence": 5.0},
+        },
+    )
+    windows = []
+    real_measure = pipeline.measure_quality
+    spy = lambda model, held_out, baseline: (
+        windows.append(held_out)
+        or real_measure(  # noqa: E731
+            model, held_out, baseline
+        )
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "measure_quality", spy)
+        outcome = pipeline.run(recipe)
+    assert outcome.exit_code == EXIT_OK, outcome
+    (held_out,) = windows
+    assert (held_out[:, 0] == bos_tokenizer.bos_token_id).all()
+    assert (held_out[:, 1:] != bos_tokenizer.bos_token_id).all()
+    report = json.loads((outcome.artifact_dir / "report.json").read_text())
+    assert report["evaluation"]["windows"]["starts_with_bos"] is True
+    assert report["quality"]["kl_divergence"] > 0
+    assert "Every window starts with BOS" in (outcome.artifact_dir / "report.md").read_text()

@@ -19,12 +19,14 @@ from compress.calibration import (
     calibration_batches,
     calibration_device,
     check_calibration_source,
+    describe_windows,
     evaluation_windows,
     load_text,
     non_overlapping_offsets,
     parse_hf_spec,
     token_windows,
     tokenize,
+    window_bos,
 )
 from compress.errors import BadInputError, DataError
 from compress.recipe import CalibrationConfig
@@ -282,3 +284,47 @@ def test_calibration_device_without_cuda_is_refused_naming_the_field():
     assert calibration_device("cpu") == torch.device("cpu")
     with pytest.raises(BadInputError, match=r"calibration\.device: 'cuda:1'"):
         calibration_device("cuda:1")
+
+
+# --------------------------------------------------------------------------- BOS convention
+
+
+def test_the_window_convention_is_read_from_the_tokenizer(demo_tokenizer, bos_tokenizer) -> None:
+    assert window_bos(demo_tokenizer) is None
+    assert window_bos(bos_tokenizer) == bos_tokenizer.bos_token_id is not None
+    assert describe_windows(demo_tokenizer)["starts_with_bos"] is False
+    described = describe_windows(bos_tokenizer)
+    assert described["starts_with_bos"] is True
+    assert described["bos_token"] == bos_tokenizer.bos_token
+
+
+def test_calibration_windows_start_with_bos_then_text(text: str, bos_tokenizer) -> None:
+    bos = bos_tokenizer.bos_token_id
+    windows = token_windows(text, bos_tokenizer, 6, 64, seed=3)
+    assert windows.shape == (6, 64)
+    assert (windows[:, 0] == bos).all()
+    stream = tokenize(text, bos_tokenizer).tolist()
+    starts = []
+    for row in windows[:, 1:].tolist():  # 63 consecutive text tokens each, at distinct places
+        start = next(i for i in range(len(stream)) if stream[i : i + 63] == row)
+        starts.append(start)
+    spans = sorted((s, s + 63) for s in starts)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+
+
+def test_evaluation_windows_with_bos_score_every_text_token_once(text: str, bos_tokenizer) -> None:
+    windows = evaluation_windows(text, bos_tokenizer, 32, max_windows=5)
+    assert windows.shape == (5, 32)
+    assert (windows[:, 0] == bos_tokenizer.bos_token_id).all()
+    stream = tokenize(text, bos_tokenizer)
+    assert torch.equal(windows[:, 1:].reshape(-1), stream[: 5 * 31])
+
+
+def test_a_window_with_no_room_after_bos_is_a_data_error(text: str, bos_tokenizer) -> None:
+    with pytest.raises(DataError, match="no room for text after the tokenizer's BOS"):
+        evaluation_windows(text, bos_tokenizer, 1)
+
+
+def test_without_bos_windows_are_text_only(text: str, demo_tokenizer) -> None:
+    windows = evaluation_windows(text, demo_tokenizer, 32, max_windows=2)
+    assert torch.equal(windows.reshape(-1), tokenize(text, demo_tokenizer)[:64])

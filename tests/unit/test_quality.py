@@ -21,12 +21,15 @@ from torch import nn
 from compress.errors import BadInputError
 from compress.evaluate.quality import (
     BaselineLogProbs,
+    LogitPostprocessing,
     QualityResult,
     baseline_logprobs,
+    logit_postprocessing,
     measure_perplexity,
     measure_quality,
     window_stats,
 )
+from tests.families import tiny_family_model
 
 NUM_WINDOWS, SEQ_LEN, BATCH = 5, 24, 2  # the last capture batch holds one window
 
@@ -217,9 +220,49 @@ class SoftCapped(nn.Module):
         return SimpleNamespace(logits=0.05 * torch.tanh(logits / 0.05))
 
 
-def test_logit_post_processing_is_refused(bf16_model: nn.Module, windows: torch.Tensor) -> None:
-    with pytest.raises(BadInputError, match="post-process logits"):
+def test_undeclared_logit_post_processing_is_refused(
+    bf16_model: nn.Module, windows: torch.Tensor
+) -> None:
+    """Post-processing the config does not name cannot be replayed: refused, not mis-measured."""
+    with pytest.raises(BadInputError, match="known post-processing"):
         baseline_logprobs(SoftCapped(bf16_model), windows)
+
+
+# family → (config overrides, the post-processing its forward applies)
+POSTPROCESSING_FAMILIES = {
+    "gemma2": ({"final_logit_softcapping": 0.5}, LogitPostprocessing(softcap=0.5)),
+    "gemma3_text": ({"final_logit_softcapping": 0.5}, LogitPostprocessing(softcap=0.5)),
+    "granite": ({"logits_scaling": 3.0}, LogitPostprocessing(divide_by=3.0)),
+    "cohere": ({"logit_scale": 0.25}, LogitPostprocessing(multiply_by=0.25)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("family", sorted(POSTPROCESSING_FAMILIES))
+def test_post_processed_logits_are_replayed_exactly(family: str, dtype: torch.dtype) -> None:
+    """The model's own post-processing is replayed bit for bit: the model against itself has
+    KL 0, and against a perturbed copy KL equals the direct full-vocabulary computation."""
+    overrides, expected = POSTPROCESSING_FAMILIES[family]
+    model = tiny_family_model(family, 256, dtype=dtype, **overrides)
+    assert logit_postprocessing(model) == expected
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    baseline = baseline_logprobs(model, windows, batch_size=2)
+    assert measure_quality(model, windows, baseline).kl_divergence == 0.0
+    other = perturbed(model, scale=0.05)
+    with torch.no_grad():
+        base = torch.log_softmax(model(windows).logits[:, :-1].double(), dim=-1)
+        test = torch.log_softmax(other(windows).logits[:, :-1].double(), dim=-1)
+    direct = (base.exp() * (base - test)).sum(-1).mean().item()
+    assert direct > 1e-4  # the perturbation is visible, so equality below means something
+    assert measure_quality(other, windows, baseline).kl_divergence == pytest.approx(
+        direct, rel=1e-3
+    )
+
+
+def test_soft_capping_bounds_replayed_logits() -> None:
+    capped = LogitPostprocessing(softcap=2.0)(torch.tensor([-100.0, 0.0, 1.0, 100.0]))
+    assert capped.abs().max() <= 2.0
+    assert capped[1] == 0.0 and capped[2] == pytest.approx(2.0 * math.tanh(0.5))
 
 
 def test_windows_must_be_the_baselines(
