@@ -274,6 +274,7 @@ def check(recipe_path: str | Path) -> dict[str, Any]:
         "source": prepared.source.display,
         "calibration_windows": _rows(prepared.calibration),
         "quality_windows": _rows(prepared.quality_windows),
+        "windows_start_with_bos": describe_windows(prepared.tokenizer)["starts_with_bos"],
         "ok": True,
     }
 

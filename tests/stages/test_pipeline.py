@@ -668,6 +668,7 @@ def test_bos_windows_and_post_processed_logits_through_the_pipeline(
             "quality": {"max_kl_divergence": 5.0},
         },
     )
+    assert pipeline.check(recipe)["windows_start_with_bos"] is True
     windows = []
     real_measure = pipeline.measure_quality
     spy = lambda model, held_out, baseline: (
