@@ -31,7 +31,13 @@ from compress.artifact import (
 )
 from compress.errors import ArtifactError, BadInputError
 from compress.fileio import sha256_file, staging_dir
-from compress.onnx.graph import OPSET, ExportOptions, build_decoder, check_exportable
+from compress.onnx.graph import (
+    OPSET,
+    ExportOptions,
+    build_decoder,
+    check_exportable,
+    check_exportable_config,
+)
 from compress.onnx.runtime import MODEL_FILE, SIDECAR
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA = MODEL_FILE + ".data"
 PROTOBUF_LIMIT_BYTES = 2**31 - 2**24  # 2 GB less headroom for the graph itself
 DEFAULT_CONTEXT_LENGTH = 4096
+# onnxruntime-genai picks its decoder class by `type` and refuses types it does not list; where
+# it lists no class for a family, the name of one whose decoder interface (inputs, outputs,
+# cache) is the same as the graph's, which is all genai reads.
+GENAI_TYPES = {"olmo2": "olmo"}
 # Everything in the artifact except its weights travels with the export.
 _NOT_COPIED = {WEIGHTS, MANIFEST, "config.json", *REPORT_FILES}
 
@@ -74,7 +84,7 @@ def genai_config(model: nn.Module, context_length: int) -> dict[str, Any]:
             },
             "eos_token_id": eos,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
-            "type": config.model_type,
+            "type": GENAI_TYPES.get(config.model_type, config.model_type),
             "vocab_size": config.vocab_size,
         },
         "search": {
@@ -94,6 +104,18 @@ def genai_config(model: nn.Module, context_length: int) -> dict[str, Any]:
             "top_p": float(getattr(generation, "top_p", None) or 1.0),
         },
     }
+
+
+def _transformers_config(source: Path) -> Any:
+    """The artifact's config.json as transformers reads it (its architecture's defaults filled)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(
+            f"{source / 'config.json'}: not a config transformers reads: {exc}"
+        ) from None
 
 
 def write_onnx_model(
@@ -162,6 +184,8 @@ def export_onnx(
         raise BadInputError(
             f"--context-length {length}: must be in 1..{max_positions} (max_position_embeddings)"
         )
+    # What the graph cannot express is refused from config.json, before the weights load.
+    check_exportable_config(_transformers_config(source), length)
     model, _ = load_artifact(source, verify=False, with_tokenizer=False)
     options = ExportOptions(context_length=length, accuracy_level=accuracy_level)
     check_exportable(model, options)  # before the staging directory exists

@@ -4,13 +4,24 @@ We build the graph ourselves instead of tracing: the quantized layers must becom
 `com.microsoft.MatMulNBits` with our packed integers carried over bit for bit, and the fast
 ONNX Runtime path for a decoder is its fused contrib ops, which a tracer does not emit:
 
-    input_ids ─ Gather / GatherBlockQuantized (embedding)
-      per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm)
-                 MatMulNBits qkv (one matmul) → GroupQueryAttention (RoPE from cos/sin
-                 tables, causal, grouped KV heads, KV cache in and out) → MatMulNBits o
-                 SkipSimplifiedLayerNormalization → MatMulNBits gate‖up → Split → SiLU · up
-                 → MatMulNBits down
-    final norm → lm_head (MatMulNBits, or MatMul for a float head) → logits
+    input_ids ─ Gather / GatherBlockQuantized (embedding) → × embedding scale (Gemma √hidden,
+                Granite embedding_multiplier)
+      per layer, two blocks, each:  stream + pending output → pre-norm (fused as
+                 SkipSimplifiedLayerNormalization; OLMo2 has none) → block → post-norm (Gemma,
+                 OLMo2) → × residual_multiplier (Granite) → the next pending output
+        attention: MatMulNBits qkv (one matmul; Phi-3's fused qkv_proj as it is) → q/k norms
+                 (Qwen3, Gemma 3 per head; OLMo2 over all heads) → GroupQueryAttention (RoPE
+                 from the layer's cos/sin table, none for SmolLM3's NoPE layers; causal, sliding
+                 window per layer, logit soft-cap, grouped KV heads, KV cache in and out)
+                 → MatMulNBits o
+        MLP:     MatMulNBits gate‖up → Split → act(gate) · up (SiLU, tanh-GELU) → MatMulNBits down
+    final norm → lm_head (MatMulNBits, or MatMul for a float head) → / logits_scaling (Granite)
+    → tanh soft-cap (Gemma 2) → logits
+
+What differs per family is read from the model's own modules and config, and built, in
+layers.py; this module assembles the graph and carries the weights. `check_exportable_config`
+refuses what the graph cannot express (routed experts, other architectures) from config.json
+alone, before any weight loads; `check_exportable` then checks the loaded modules.
 
 Inputs and outputs follow onnxruntime-genai's names: `input_ids`, `attention_mask` (int64,
 past + new tokens), `past_key_values.{i}.key|value` → `logits`, `present.{i}.key|value`
@@ -35,15 +46,37 @@ import torch
 from torch import nn
 
 from compress.errors import ArtifactError
+from compress.onnx.layers import (
+    MS_DOMAIN,
+    AttentionSpec,
+    NormLayout,
+    RopeTable,
+    act_fn,
+    activation,
+    activation_kind,
+    attention_spec,
+    check_exportable_config,
+    embedding_scale,
+    gqa_rotates,
+    head_norm,
+    norm_eps,
+    norm_layout,
+    norm_weight,
+    position_ids,
+    rms_norm,
+    rope_by_layer_type,
+    rope_tables,
+    rotary,
+    scaled,
+    soft_cap,
+)
+from compress.onnx.layers import SUPPORTED_MODEL_TYPES as SUPPORTED_MODEL_TYPES  # re-exported
 from compress.quant.config import PER_CHANNEL
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import pack_rows, unpack_zero_points
 
 OPSET = 17
-MS_DOMAIN = "com.microsoft"
-# Architectures whose decoder layer is exactly the graph above (RMSNorm, RoPE on q/k, SiLU-gated
-# MLP, optional q/k/v biases). Others are refused by name rather than exported wrongly.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+QKV = ("q_proj", "k_proj", "v_proj")
 MIN_BLOCK, MAX_BLOCK = 16, 128  # MatMulNBits: a power of two ≥ 16; MLAS is tuned up to 128
 
 
@@ -135,30 +168,42 @@ def _decoder(model: nn.Module) -> nn.Module:
     return inner
 
 
+def _check_layer(i: int, layer: nn.Module, layout: NormLayout, config: Any) -> None:
+    """The layer's modules are the ones the graph reads; every probe runs (and refuses)."""
+    prefix = f"model.layers.{i}"
+    attn, mlp = layer.self_attn, layer.mlp
+    if not (hasattr(attn, "qkv_proj") or all(hasattr(attn, p) for p in QKV)):
+        raise ArtifactError(f"{prefix}.self_attn: expected q_proj/k_proj/v_proj or qkv_proj")
+    if not (
+        hasattr(mlp, "gate_up_proj") or (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"))
+    ):
+        raise ArtifactError(f"{prefix}.mlp: expected gate_proj/up_proj/down_proj or gate_up_proj")
+    activation_kind(act_fn(mlp, f"{prefix}.mlp"), f"{prefix}.mlp")
+    eps = float(config.rms_norm_eps)
+    for role in ("attn_pre", "attn_post", "mlp_pre", "mlp_post"):
+        name = getattr(layout, role)
+        if name is None:
+            continue
+        norm = getattr(layer, name, None)
+        if norm is None:
+            raise ArtifactError(f"{prefix}.{name}: missing ({config.model_type} layers have one)")
+        norm_weight(norm, f"{prefix}.{name}", norm_eps(norm, eps))
+    for name in ("q_norm", "k_norm"):
+        if hasattr(attn, name):
+            norm = getattr(attn, name)
+            norm_weight(norm, f"{prefix}.self_attn.{name}", norm_eps(norm, eps))
+
+
 def check_exportable(model: nn.Module, options: ExportOptions) -> None:
     """Refuse, by name, what the graph does not express, before anything is built."""
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ArtifactError(
-            f"architecture {model_type!r} ({type(model).__name__}) is not supported by the ONNX "
-            f"export; supported: {list(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ArtifactError(f"hidden_act {config.hidden_act!r}: the export writes SiLU MLPs")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        raise ArtifactError(
-            f"sliding_window={window}: sliding-window attention is not exported; only full "
-            "causal attention"
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") == "dynamic":
-        raise ArtifactError("rope_type 'dynamic' recomputes its tables per length: not exported")
+    check_exportable_config(config, options.context_length)
     decoder = _decoder(model)
+    layout = norm_layout(config.model_type)
+    rope_by_type = rope_by_layer_type(decoder.rotary_emb)
     for i, layer in enumerate(decoder.layers):
-        if getattr(layer.mlp, "act_fn", None) is None or not hasattr(layer.mlp, "gate_proj"):
-            raise ArtifactError(f"model.layers.{i}.mlp: expected gate_proj/up_proj/down_proj")
+        _check_layer(i, layer, layout, config)
+        attention_spec(i, layer.self_attn, config, rope_by_type)
     if options.quantized_only:
         unquantized = [
             name for name, module in decoder.layers.named_modules() if isinstance(module, nn.Linear)
@@ -316,20 +361,6 @@ def _projections(
     return g.node("Split", [fused, split], outputs=len(layers), axis=-1, name=f"{fused_name}/Split")
 
 
-def _rope_tables(model: nn.Module, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(context_length, head_dim / 2) cos and sin, from the model's own rotary module (so every
-    rope_type's frequencies and attention scaling are the model's)."""
-    rotary = _decoder(model).rotary_emb
-    positions = torch.arange(context_length).unsqueeze(0)
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    half = cos.shape[-1] // 2
-    halves_equal = all(torch.equal(t[..., :half], t[..., half:]) for t in (cos, sin))
-    if not halves_equal:
-        raise ArtifactError("rotary tables are not the rotate-half layout GroupQueryAttention uses")
-    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
-
-
 def embeddings_share_head(model: nn.Module) -> bool:
     """Whether the input embeddings are exactly the quantized lm_head's dequantized table (the
     quantize stage makes them so for a tied head), so the export can store the table once."""
@@ -376,50 +407,37 @@ def _output_layer(g: _GraphBuilder, x: str, model: nn.Module, level: int) -> str
     return g.one("MatMul", [x, transposed], name="lm_head/MatMul")
 
 
-def _rms_norm(
-    g: _GraphBuilder, x: str, residual: str | None, norm: nn.Module, name: str, eps: float
-) -> tuple[str, str]:
-    """(RMSNorm(x + residual), x + residual): the residual add fused into the norm, as
-    SkipSimplifiedLayerNormalization does; the first norm of the model has no residual yet."""
-    weight = g.constant(f"{name}.weight", norm.weight.detach().float().numpy())
-    if residual is None:
-        normed = g.one(
-            "SimplifiedLayerNormalization",
-            [x, weight],
-            axis=-1,
-            epsilon=eps,
-            stash_type=1,
-            name=f"{name}/norm",
+@dataclass
+class _Context:
+    """What every layer's nodes share: sizes, the attention length inputs, the rotary tables."""
+
+    g: _GraphBuilder
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    level: int
+    seqlens_k: str
+    total: str
+    tables: dict[str, RopeTable]
+    _positions: str | None = None
+
+    def table_names(self, key: str) -> tuple[str, str]:
+        t = self.tables[key]
+        return self.g.constant(f"cos_cache.{key}", t.cos), self.g.constant(
+            f"sin_cache.{key}", t.sin
         )
-        return normed, x
-    normed, _, _, total = g.node(
-        "SkipSimplifiedLayerNormalization",
-        [x, residual, weight],
-        outputs=4,
-        domain=MS_DOMAIN,
-        epsilon=eps,
-        name=f"{name}/norm",
-    )
-    return normed, total
+
+    def positions(self) -> str:
+        if self._positions is None:
+            self._positions = position_ids(self.g, self.seqlens_k, self.total)
+        return self._positions
 
 
-def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
-    """The ONNX ModelProto of `model` (call `check_exportable` first)."""
-    from onnx import TensorProto, helper
+def _attention_lengths(g: _GraphBuilder) -> tuple[str, str]:
+    """GroupQueryAttention's lengths: each row's tokens so far − 1, and the longest total."""
+    from onnx import TensorProto
 
-    config = model.config
-    decoder = _decoder(model)
-    n_layers = len(decoder.layers)
-    attention = decoder.layers[0].self_attn
-    head_dim = attention.head_dim
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    eps = float(config.rms_norm_eps)
-    level = options.accuracy_level
-    g = _GraphBuilder()
-
-    cos, sin = _rope_tables(model, options.context_length)
-    cos_name, sin_name = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
-    # GroupQueryAttention's lengths: each row's tokens so far − 1, and the longest total.
     mask_sum = g.one(
         "ReduceSum", ["attention_mask", g.constant("axis_1", np.array([1]))], keepdims=0
     )
@@ -431,69 +449,219 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
     )
     total = g.one("Shape", ["attention_mask"], start=1, end=2)
     total = g.one("Cast", [g.one("Squeeze", [total])], to=TensorProto.INT32, name="total_len")
+    return seqlens_k, total
 
-    hidden = _embedding(g, model)
-    residual = None
-    for i, layer in enumerate(decoder.layers):
-        prefix = f"model.layers.{i}"
-        normed, residual = _rms_norm(
-            g, hidden, residual, layer.input_layernorm, f"{prefix}.input_layernorm", eps
+
+def _qkv(ctx: _Context, x: str, attn: nn.Module, prefix: str, apart: bool) -> tuple[str, str, str]:
+    """(q, k, v), or (packed qkv, "", "") when GroupQueryAttention may split them itself: one
+    matmul for a fused `qkv_proj` (Phi-3) or `fusable` q/k/v, split only when `apart`."""
+    g, level = ctx.g, ctx.level
+    fused = getattr(attn, "qkv_proj", None)
+    modules = [fused] if fused is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+    if fused is None and not fusable(modules):
+        return tuple(  # type: ignore[return-value]
+            _linear(g, x, [m], f"{prefix}.{p}_proj", level)
+            for p, m in zip("qkv", modules, strict=True)
         )
-        attn = layer.self_attn
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if fusable(qkv):  # GroupQueryAttention takes packed QKV and splits it itself
-            q = _linear(g, normed, qkv, f"{prefix}.self_attn.qkv_proj", level)
-            k = v = ""
-        else:
-            q, k, v = (
-                _linear(g, normed, [m], f"{prefix}.self_attn.{p}_proj", level)
-                for p, m in zip("qkv", qkv, strict=True)
-            )
-        context = g.node(
-            "GroupQueryAttention",
-            [
-                q,
-                k,
-                v,
-                f"past_key_values.{i}.key",
-                f"past_key_values.{i}.value",
-                seqlens_k,
-                total,
-                cos_name,
-                sin_name,
-            ],
-            outputs=[f"{prefix}/attn_out", f"present.{i}.key", f"present.{i}.value"],
-            domain=MS_DOMAIN,
-            name=f"{prefix}/attention",
-            num_heads=n_heads,
-            kv_num_heads=n_kv,
-            do_rotary=1,
-            rotary_interleaved=0,
-            scale=float(attn.scaling),
-        )[0]
-        hidden = _linear(g, context, [attn.o_proj], f"{prefix}.self_attn.o_proj", level)
-        normed, residual = _rms_norm(
-            g,
-            hidden,
-            residual,
-            layer.post_attention_layernorm,
-            f"{prefix}.post_attention_layernorm",
-            eps,
-        )
-        mlp = layer.mlp
+    packed = _linear(g, x, modules, f"{prefix}.qkv_proj", level)
+    if not apart:
+        return packed, "", ""
+    q_width, kv_width = ctx.heads * ctx.head_dim, ctx.kv_heads * ctx.head_dim
+    sizes = g.constant(
+        f"split_{q_width}_{kv_width}_{kv_width}", np.array([q_width, kv_width, kv_width])
+    )
+    q, k, v = g.node("Split", [packed, sizes], outputs=3, axis=-1, name=f"{prefix}.qkv_proj/Split")
+    return q, k, v
+
+
+def _qk_norm(ctx: _Context, x: str, norm: nn.Module, kind: str, name: str) -> str:
+    """Gemma 3 / Qwen3 normalize every head over head_dim, OLMo2 all heads at once."""
+    eps = norm_eps(norm, ctx.eps)
+    gamma = norm_weight(norm, name, eps)
+    if kind == "head":
+        return head_norm(ctx.g, x, gamma, ctx.head_dim, name, eps)
+    return rms_norm(ctx.g, x, None, gamma, name, eps)[0]
+
+
+def _attention(ctx: _Context, i: int, x: str, attn: nn.Module, spec: AttentionSpec) -> str:
+    """q/k/v projections → (q/k norms) → (RoPE outside GQA) → GroupQueryAttention → o_proj."""
+    g, prefix = ctx.g, f"model.layers.{i}.self_attn"
+    table = None if spec.rope is None else ctx.tables[spec.rope]
+    gqa_rotary = table is not None and gqa_rotates(table.rotary_dim, ctx.head_dim)
+    own_rotary = table is not None and not gqa_rotary
+    q, k, v = _qkv(ctx, x, attn, prefix, apart=spec.qk_norm is not None or own_rotary)
+    if spec.qk_norm is not None:  # before RoPE, as the model does
+        q = _qk_norm(ctx, q, attn.q_norm, spec.qk_norm, f"{prefix}.q_norm")
+        k = _qk_norm(ctx, k, attn.k_norm, spec.qk_norm, f"{prefix}.k_norm")
+    cos = sin = ""
+    if table is not None:
+        names = ctx.table_names(spec.rope)
+        if gqa_rotary:
+            cos, sin = names
+        else:  # a partial rotary narrower than GroupQueryAttention's rotary accepts
+            positions = ctx.positions()
+            q = rotary(g, q, positions, names, ctx.heads, table.rotary_dim, f"{prefix}.q")
+            k = rotary(g, k, positions, names, ctx.kv_heads, table.rotary_dim, f"{prefix}.k")
+    context = g.node(
+        "GroupQueryAttention",
+        [
+            q,
+            k,
+            v,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            ctx.seqlens_k,
+            ctx.total,
+            cos,
+            sin,
+        ],
+        outputs=[f"{prefix}/attn_out", f"present.{i}.key", f"present.{i}.value"],
+        domain=MS_DOMAIN,
+        name=f"model.layers.{i}/attention",
+        num_heads=ctx.heads,
+        kv_num_heads=ctx.kv_heads,
+        do_rotary=int(gqa_rotary),
+        rotary_interleaved=0,
+        scale=spec.scale,
+        local_window_size=-1 if spec.window is None else spec.window,
+        softcap=0.0 if spec.softcap is None else spec.softcap,
+    )[0]
+    return _linear(g, context, [attn.o_proj], f"{prefix}.o_proj", ctx.level)
+
+
+def _mlp(ctx: _Context, i: int, x: str, mlp: nn.Module) -> str:
+    """down(act(gate) · up), gate and up from one matmul (fused `gate_up_proj`: gate first)."""
+    g, prefix = ctx.g, f"model.layers.{i}.mlp"
+    fused = getattr(mlp, "gate_up_proj", None)
+    if fused is not None:
+        both = _linear(g, x, [fused], f"{prefix}.gate_up_proj", ctx.level)
+        half = fused.out_features // 2
+        sizes = g.constant(f"split_{half}_{half}", np.array([half, half]))
+        gate, up = g.node("Split", [both, sizes], outputs=2, axis=-1, name=f"{prefix}/Split")
+    else:
         gate, up = _projections(
             g,
-            normed,
-            {f"{prefix}.mlp.gate_proj": mlp.gate_proj, f"{prefix}.mlp.up_proj": mlp.up_proj},
-            f"{prefix}.mlp.gate_up_proj",
-            level,
+            x,
+            {f"{prefix}.gate_proj": mlp.gate_proj, f"{prefix}.up_proj": mlp.up_proj},
+            f"{prefix}.gate_up_proj",
+            ctx.level,
         )
-        silu = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
-        hidden = _linear(
-            g, g.one("Mul", [silu, up]), [mlp.down_proj], f"{prefix}.mlp.down_proj", level
+    kind = activation_kind(act_fn(mlp, prefix), prefix)
+    hidden = g.one("Mul", [activation(g, gate, kind, prefix), up])
+    return _linear(g, hidden, [mlp.down_proj], f"{prefix}.down_proj", ctx.level)
+
+
+@dataclass(frozen=True)
+class _Norm:
+    name: str  # in the graph, as in the model's state dict
+    eps: float
+    gamma: np.ndarray  # float32; (1 + w) folded in for Gemma
+
+
+def _norm_named(ctx: _Context, owner: nn.Module, name: str | None, prefix: str) -> _Norm | None:
+    """A layer's (or the decoder's) norm by module name; None where the layout has none."""
+    if name is None:
+        return None
+    norm = getattr(owner, name)
+    eps = norm_eps(norm, ctx.eps)
+    return _Norm(f"{prefix}.{name}", eps, norm_weight(norm, f"{prefix}.{name}", eps))
+
+
+def _block_input(
+    ctx: _Context, pending: str, residual: str | None, pre_norm: _Norm | None
+) -> tuple[str, str]:
+    """(the block's input, the residual stream): the pending output added to the stream, then
+    the block's pre-norm (fused with the add) or, without one (OLMo2), the stream itself."""
+    if pre_norm is not None:
+        return rms_norm(ctx.g, pending, residual, pre_norm.gamma, pre_norm.name, pre_norm.eps)
+    stream = pending if residual is None else ctx.g.one("Add", [pending, residual])
+    return stream, stream
+
+
+def _block_output(
+    ctx: _Context, out: str, post_norm: _Norm | None, multiplier: float | None, name: str
+) -> str:
+    """The block's output as it is added to the stream: post-norm (Gemma, OLMo2), then
+    Granite's residual_multiplier."""
+    if post_norm is not None:
+        out, _ = rms_norm(ctx.g, out, None, post_norm.gamma, post_norm.name, post_norm.eps)
+    return scaled(ctx.g, out, multiplier, name)
+
+
+def _logits(g: _GraphBuilder, logits: str, config: Any) -> str:
+    """Granite's logits / logits_scaling, Gemma's final soft-capping."""
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1.0:
+        divisor = g.constant("logits_scaling", np.array(scaling, dtype=np.float32))
+        logits = g.one("Div", [logits, divisor], name="logits/scaling")
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = soft_cap(g, logits, float(cap), "logits")
+    return logits
+
+
+def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
+    """The ONNX ModelProto of `model` (call `check_exportable` first)."""
+    from onnx import TensorProto, helper
+
+    config = model.config
+    decoder = _decoder(model)
+    n_layers = len(decoder.layers)
+    head_dim = decoder.layers[0].self_attn.head_dim
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    g = _GraphBuilder()
+    rope_by_type = rope_by_layer_type(decoder.rotary_emb)
+    specs = [
+        attention_spec(i, layer.self_attn, config, rope_by_type)
+        for i, layer in enumerate(decoder.layers)
+    ]
+    keys = {s.rope for s in specs if s.rope is not None}
+    seqlens_k, total = _attention_lengths(g)
+    ctx = _Context(
+        g=g,
+        heads=n_heads,
+        kv_heads=n_kv,
+        head_dim=head_dim,
+        eps=float(config.rms_norm_eps),
+        level=options.accuracy_level,
+        seqlens_k=seqlens_k,
+        total=total,
+        tables=rope_tables(decoder.rotary_emb, options.context_length, keys),
+    )
+    layout = norm_layout(config.model_type)
+    multiplier = getattr(config, "residual_multiplier", None)
+
+    pending = scaled(
+        g, _embedding(g, model), embedding_scale(decoder.embed_tokens, config), "model.embed_tokens"
+    )
+    residual = None  # the stream before `pending` is added; None: `pending` is the stream
+    for i, layer in enumerate(decoder.layers):
+        prefix = f"model.layers.{i}"
+        x, residual = _block_input(
+            ctx, pending, residual, _norm_named(ctx, layer, layout.attn_pre, prefix)
         )
-    normed, _ = _rms_norm(g, hidden, residual, decoder.norm, "model.norm", eps)
-    logits = _output_layer(g, normed, model, level)
+        out = _attention(ctx, i, x, layer.self_attn, specs[i])
+        pending = _block_output(
+            ctx,
+            out,
+            _norm_named(ctx, layer, layout.attn_post, prefix),
+            multiplier,
+            f"{prefix}.self_attn.residual",
+        )
+        x, residual = _block_input(
+            ctx, pending, residual, _norm_named(ctx, layer, layout.mlp_pre, prefix)
+        )
+        out = _mlp(ctx, i, x, layer.mlp)
+        pending = _block_output(
+            ctx,
+            out,
+            _norm_named(ctx, layer, layout.mlp_post, prefix),
+            multiplier,
+            f"{prefix}.mlp.residual",
+        )
+    final = _norm_named(ctx, decoder, "norm", "model")
+    normed, _ = _block_input(ctx, pending, residual, final)
+    logits = _logits(g, _output_layer(g, normed, model, options.accuracy_level), config)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
 
     cache_shape = ["batch", n_kv, "past_tokens", head_dim]

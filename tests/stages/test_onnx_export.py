@@ -280,19 +280,18 @@ def test_an_existing_destination_is_kept(artifacts, tmp_path, caplog):
 
 
 def test_architectures_the_graph_does_not_express_are_refused():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import CohereConfig, CohereForCausalLM
 
-    config = Qwen3Config(
+    config = CohereConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
     )
-    with pytest.raises(ArtifactError, match=r"architecture 'qwen3' .* not supported"):
-        check_exportable(Qwen3ForCausalLM(config), ExportOptions(context_length=16))
+    with pytest.raises(ArtifactError, match=r"architecture 'cohere' is not supported"):
+        check_exportable(CohereForCausalLM(config), ExportOptions(context_length=16))
 
 
 def test_a_float_decoder_is_refused_unless_asked_for(tiny_llama_dir):
