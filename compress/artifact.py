@@ -13,6 +13,12 @@ An artifact is a directory:
     manifest.sig          optional: a signature of the manifest by the pipeline's key
     bench.json, bench.md  optional: `compress bench` results, written later, outside the seal
 
+Quantized MoE experts (compress/quant/experts.py) are stored per expert, as compressed-tensors
+and llm-compressor store them (`<experts>.<e>.<gate|up|down>.weight_packed`, with the names
+the family's per-expert checkpoints use); stock transformers + compressed-tensors reads a
+symmetric artifact into its fused experts, dequantized. Asymmetric pack-quantized artifacts,
+experts or not, do not load there (upstream; tests/stages/test_interop_compressed_tensors.py).
+
 It is written into a temporary directory that is renamed into place, so a crash never leaves
 half an artifact; `publish` moves a judged artifact into its verdict folder only after
 verifying it in full.
@@ -40,6 +46,12 @@ from compress.evaluate.plots import PLOT_PREFIX  # plots beside the report, seal
 from compress.fileio import replace_dir, sha256_file, staging_dir
 from compress.models import DTYPES, replace_module
 from compress.quant.config import PER_CHANNEL
+from compress.quant.experts import (
+    QuantExperts,
+    holds_3d_weights,
+    layout_problem,
+    projection_names,
+)
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantSpec
 from compress.seal import (
@@ -110,7 +122,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """A compressed-tensors `pack-quantized` config describing every QuantLinear in `model`.
 
     Layers are grouped by scheme; each group targets its layers by exact-name regex, so the
-    config says precisely which module holds which scheme.
+    config says precisely which module holds which scheme. Quantized MoE experts appear as
+    their per-expert projections (`<experts>.<e>.gate_proj`, ...): the QuantLinear modules
+    QuantExperts holds, in the per-expert layout compressed-tensors uses for MoE checkpoints.
     """
     groups: dict[QuantSpec, list[str]] = defaultdict(list)
     for name, module in model.named_modules():
@@ -158,6 +172,23 @@ def layer_specs(qconfig: dict[str, Any], linear_names: list[str]) -> dict[str, Q
 # --------------------------------------------------------------------------- save
 
 
+def _warn_experts_stock_transformers_cannot_read(model: nn.Module) -> None:
+    """Stock transformers reads quantized experts only where it knows the family's per-expert
+    checkpoint names (compress/quant/experts.py); elsewhere it would start the experts from
+    random weights with a load report, so say so when writing."""
+    unread = [n for n, m in model.named_modules() if isinstance(m, QuantExperts)]
+    unread = [n for n in unread if not model.get_submodule(n).stock_loadable]
+    if unread:
+        log.warning(
+            "%d quantized experts modules (%s, ...) are stored under per-expert names stock "
+            "transformers has no conversion for (model type %s): compress.load reads this "
+            "artifact, AutoModelForCausalLM would not load its experts",
+            len(unread),
+            unread[0],
+            getattr(model.config, "model_type", "?"),
+        )
+
+
 def _deduplicated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors stored once (safetensors refuses shared storage)."""
     seen: dict[tuple[int, int], str] = {}
@@ -190,6 +221,7 @@ def save_artifact(
         qconfig = quantization_config(model)
         if qconfig is not None:
             config.quantization_config = qconfig
+        _warn_experts_stock_transformers_cannot_read(model)
         config.dtype = next(model.parameters()).dtype
         config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
@@ -341,8 +373,47 @@ def describe_artifact(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- load
 
 
+def _expert_projection_names(model: nn.Module) -> dict[str, list[str]]:
+    """Per fused experts module of `model`, the names its quantized projections are stored
+    under (`<experts>.<e>.gate_proj`, ...; compress/quant/experts.py)."""
+    return {
+        name: [
+            f"{name}.{e}.{projection}"
+            for e in range(module.gate_up_proj.shape[0])
+            for projection in projection_names(module)
+        ]
+        for name, module in model.named_modules()
+        if holds_3d_weights(module) and layout_problem(module) is None
+    }
+
+
+def _quantize_experts_modules(
+    model: nn.Module, specs: dict[str, QuantSpec], dtype: torch.dtype, path: Path
+) -> None:
+    """Put an empty QuantExperts wherever the config quantizes an experts module's projections:
+    all of them, or none (a partly quantized experts module is no layout we write)."""
+    for name, projections in _expert_projection_names(model).items():
+        targeted = [p for p in projections if p in specs]
+        if not targeted:
+            continue
+        if len(targeted) != len(projections):
+            missing = sorted(set(projections) - set(targeted))
+            raise ArtifactError(
+                f"{path / 'config.json'}: quantization_config quantizes {len(targeted)} of the "
+                f"{len(projections)} expert projections of {name} (missing {missing[:3]})"
+            )
+        module = model.get_submodule(name)
+        quantized = QuantExperts.empty_like(module, _specs_under(specs, name), dtype)
+        replace_module(model, name, quantized)
+
+
+def _specs_under(specs: dict[str, QuantSpec], prefix: str) -> Callable[[str], QuantSpec]:
+    return lambda key: specs[f"{prefix}.{key}"]
+
+
 def build_model(path: Path, dtype: torch.dtype) -> nn.Module:
-    """An empty model of the artifact's architecture with QuantLinear where the config says."""
+    """An empty model of the artifact's architecture with QuantLinear (and QuantExperts for
+    fused MoE experts) where the config says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -365,7 +436,12 @@ def build_model(path: Path, dtype: torch.dtype) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if qconfig:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for name, spec in layer_specs(qconfig, linear_names).items():
+        expert_names = [n for ns in _expert_projection_names(model).values() for n in ns]
+        specs = layer_specs(qconfig, linear_names + expert_names)
+        _quantize_experts_modules(model, specs, dtype, path)
+        for name, spec in specs.items():
+            if name not in linear_names:
+                continue  # an expert projection, rebuilt above
             linear = model.get_submodule(name)
             replace_module(
                 model,

@@ -34,10 +34,18 @@ class GPTQOptions(StrictConfig):
         description="quantize columns by decreasing Hessian diagonal; groups stay static, so "
         "the stored layout needs no permutation",
     )
+    expert_min_tokens_per_feature: float = Field(
+        2.0,
+        ge=0,
+        le=MAX_COUNT,
+        description="MoE experts: a matrix is GPTQ-calibrated only where its expert was routed "
+        "at least this many calibration tokens per input feature (2 → 2·hidden tokens for "
+        "gate/up); below, its Hessian is singular or too noisy and it is rounded to nearest",
+    )
 
 
 class QuantizeConfig(StrictConfig):
-    """Weight-only integer quantization of Linear layers.
+    """Weight-only integer quantization of Linear layers and MoE experts.
 
     `group_size` uses one vocabulary for every bit width: -1 means one scale (and zero point)
     per output channel, a positive value means one per `group_size` consecutive input features.
@@ -61,8 +69,9 @@ class QuantizeConfig(StrictConfig):
     include: list[Text] | None = Field(
         None,
         min_length=1,
-        description="glob patterns over module names to quantize; default: every Linear "
-        "inside the decoder layers (embeddings and lm_head stay in the source dtype)",
+        description="glob patterns over module names to quantize; default: every Linear and "
+        "every MoE experts module inside the decoder layers (embeddings, lm_head and MoE "
+        "routers stay in the source dtype)",
     )
     exclude: list[Text] = Field(default_factory=list, description="glob patterns to leave alone")
     gptq: GPTQOptions | None = Field(None, description="GPTQ settings (method gptq only)")

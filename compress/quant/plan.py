@@ -1,12 +1,14 @@
-"""What a quantize stage will do, checked before any weight is touched: which Linear layers
-it selects, whether their shapes take its scheme (naming the layers and the setting at fault),
-and the config's scheme as the quantizer's own types. The distill stage's QAT shares these, so
-they live here rather than in the stage."""
+"""What a quantize stage will do, checked before any weight is touched: which Linear layers and
+fused MoE experts modules it selects, whether their shapes take its scheme (naming the layers
+and the setting at fault), that no decoder weight matrix is left unquantized without the recipe
+saying so, and the config's scheme as the quantizer's own types. The distill stage's QAT shares
+these, so they live here rather than in the stage."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -14,7 +16,9 @@ from torch import nn
 from compress.errors import PreflightError
 from compress.kernels import CUDA_GEMV_MAX_ROWS, mma_slice, mma_takes_shape
 from compress.models import decoder_layers_prefix
+from compress.quant import experts
 from compress.quant.config import PER_CHANNEL, QuantizeConfig
+from compress.quant.experts import QuantExperts
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantSpec, RangeSearch
 
@@ -36,37 +40,169 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def select_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
-    """Linear layers the stage will quantize, by name. Raises PreflightError on bad patterns."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+@dataclass(frozen=True)
+class Selection:
+    """What a quantize stage will quantize: Linear layers and fused experts modules, by name."""
+
+    linears: dict[str, nn.Linear]
+    experts: dict[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    """One weight matrix of the decoder layers: its module, size and what it is."""
+
+    module: str
+    numel: int
+    # linear | experts (fused, quantizable) | router | quantized (by an earlier stage) |
+    # unsupported (experts of a layout we cannot quantize) | other (a matrix in no Linear)
+    kind: str
+    note: str = ""
+
+
+def _routers(model: nn.Module, prefix: str) -> set[str]:
+    """Siblings of every experts module that score experts (experts.is_router)."""
+    found = set()
+    for name, module in model.named_modules():
+        if not (name.startswith(prefix) and experts.holds_3d_weights(module)):
+            continue
+        parent_name = name.rpartition(".")[0]
+        num_experts = next(p for p in module.parameters(recurse=False) if p.ndim == 3).shape[0]
+        for child, sibling in model.get_submodule(parent_name).named_children():
+            if sibling is not module and experts.is_router(sibling, num_experts):
+                found.add(f"{parent_name}.{child}")
+    return found
+
+
+def decoder_weights(model: nn.Module) -> dict[str, WeightMatrix]:
+    """Every weight matrix (≥ 2-D floating parameter, or a quantized Linear's weight) inside the
+    decoder layers, by parameter name. Shapes only: works on a weightless (meta) model."""
+    prefix = decoder_layers_prefix(model) + "."
+    routers = _routers(model, prefix)
+    found: dict[str, WeightMatrix] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(prefix):
+            continue
+        if isinstance(module, QuantLinear):
+            size = module.in_features * module.out_features
+            found[f"{name}.weight"] = WeightMatrix(name, size, "quantized")
+            continue
+        fused = experts.holds_3d_weights(module)
+        problem = experts.layout_problem(module) if fused else None
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.ndim < 2 or not param.is_floating_point():
+                continue  # norms, biases, scalars
+            if name in routers:
+                kind, note = "router", f"router {type(module).__name__}"
+            elif fused:
+                kind = "unsupported" if problem else "experts"
+                note = f"{type(module).__name__}: {problem}" if problem else ""
+            elif isinstance(module, nn.Linear):
+                kind, note = "linear", ""
+            else:
+                kind, note = "other", f"{tuple(param.shape)} in a {type(module).__name__}"
+            found[f"{name}.{param_name}"] = WeightMatrix(name, param.numel(), kind, note)
+    return found
+
+
+def select_targets(model: nn.Module, config: QuantizeConfig) -> Selection:
+    """Linear layers and fused experts modules the stage will quantize. Raises PreflightError
+    on bad patterns.
+
+    By default every Linear and every experts module inside the decoder layers; MoE routers
+    (`experts.is_router`) never. `include` / `exclude` patterns match module names; an experts
+    module is selected or excluded as a whole (`model.layers.0.mlp.experts`).
+    """
+    prefix = decoder_layers_prefix(model) + "."
+    routers = _routers(model, prefix)
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in routers
+    }
+    fused = {
+        n: m
+        for n, m in model.named_modules()
+        if n.startswith(prefix)
+        and experts.holds_3d_weights(m)
+        and experts.layout_problem(m) is None
+    }
     if config.include is None:
-        prefix = decoder_layers_prefix(model) + "."
         chosen = {n: m for n, m in linears.items() if n.startswith(prefix)}
+        chosen_experts = fused
     else:
         already = [
             n
             for n, m in model.named_modules()
-            if isinstance(m, QuantLinear) and _matches(n, config.include)
+            if isinstance(m, (QuantLinear, QuantExperts)) and _matches(n, config.include)
         ]
         if already:
             raise PreflightError(
                 f"include matches layers that are already quantized: {already[:5]}"
             )
-        unmatched = [p for p in config.include if not any(fnmatchcase(n, p) for n in linears)]
+        names = [*linears, *fused]
+        unmatched = [p for p in config.include if not any(fnmatchcase(n, p) for n in names)]
         if unmatched:
-            examples = list(linears)[:4]
+            examples = list(linears)[:4] + list(fused)[:1]
             raise PreflightError(
-                f"include patterns match no Linear layer: {unmatched} (Linear layers look like "
-                f"{examples})",
+                f"include patterns match no Linear layer: {unmatched} (nor an experts module; "
+                f"names look like {examples})",
                 field="include",
             )
         chosen = {n: m for n, m in linears.items() if _matches(n, config.include)}
+        chosen_experts = {n: m for n, m in fused.items() if _matches(n, config.include)}
     chosen = {n: m for n, m in chosen.items() if not _matches(n, config.exclude)}
-    if not chosen:
+    chosen_experts = {n: m for n, m in chosen_experts.items() if not _matches(n, config.exclude)}
+    if not chosen and not chosen_experts:
         raise PreflightError(
             "no Linear layer left to quantize after include/exclude", field="exclude"
         )
-    return chosen
+    return Selection(chosen, chosen_experts)
+
+
+def select_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
+    """The Linear layers of `select_targets` (QAT fake-quantizes Linears only)."""
+    return select_targets(model, config).linears
+
+
+def left_out(
+    model: nn.Module, config: QuantizeConfig, selection: Selection
+) -> dict[str, WeightMatrix]:
+    """Decoder weight matrices this stage would leave in the source dtype without the recipe
+    saying so: experts modules not selected, experts of a layout we cannot quantize, and
+    matrices in modules that are not Linear, unless `exclude` names their module or the
+    parameter. Linear layers a custom `include` leaves out are a choice (a later stage may
+    quantize them at another precision), and routers stay 16-bit by design."""
+    found = {}
+    for param, entry in decoder_weights(model).items():
+        if entry.kind not in ("experts", "unsupported", "other"):
+            continue
+        if entry.kind == "experts" and entry.module in selection.experts:
+            continue
+        if _matches(entry.module, config.exclude) or _matches(param, config.exclude):
+            continue
+        found[param] = entry
+    return found
+
+
+def _describe_left_out(found: dict[str, WeightMatrix]) -> str:
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for param, entry in found.items():
+        by_module[entry.module].append(param.rpartition(".")[2])
+    lines = ["quantize: decoder weights would be left in the source dtype, unquantized:"]
+    for module, params in list(by_module.items())[:6]:
+        entry = next(e for e in found.values() if e.module == module)
+        why = {
+            "experts": "experts not matched by include",
+            "unsupported": f"cannot be quantized: {entry.note}",
+            "other": f"not a Linear layer: {entry.note}",
+        }[entry.kind]
+        lines.append(f"  {module} ({', '.join(params)}): {why}")
+    if len(by_module) > 6:
+        lines.append(f"  and {len(by_module) - 6} more modules")
+    lines.append(
+        "  select them with `include`, or name them in `exclude` to keep them unquantized "
+        "on purpose"
+    )
+    return "\n".join(lines)
 
 
 def _workable_group_sizes(in_features: set[int], bits: int) -> list[int]:
@@ -85,7 +221,11 @@ def _off_tensor_cores(
 
 def preflight(model: nn.Module, config: QuantizeConfig) -> None:
     """Every check that can fail, before any weight is touched."""
-    layers = select_layers(model, config)
+    selection = select_targets(model, config)
+    found = left_out(model, config, selection)
+    if found:
+        raise PreflightError(_describe_left_out(found), field="include")
+    layers = selection.linears
     if config.method == "gptq":
         prefix = decoder_layers_prefix(model) + "."
         outside = sorted(n for n in layers if not n.startswith(prefix))
@@ -97,6 +237,9 @@ def preflight(model: nn.Module, config: QuantizeConfig) -> None:
     by_k: dict[int, list[str]] = defaultdict(list)
     for name, layer in layers.items():
         by_k[layer.in_features].append(name)
+    for name, module in selection.experts.items():
+        for param, (_experts, _rows, in_features) in experts.matrix_shapes(module).items():
+            by_k[in_features].append(f"{name}.{param}")
     unpackable = {k: names for k, names in by_k.items() if (k * config.bits) % 32}
     if unpackable:
         raise PreflightError(

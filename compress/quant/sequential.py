@@ -16,6 +16,12 @@ Within a decoder layer a quantized Linear is stood in for by a dense Linear hold
 dequantized weight (bitwise the same outputs, without dequantizing on every call); the
 packed QuantLinear takes its place when the layer is done.
 
+A fused MoE experts module (compress/quant/experts.py) is a step of its own: the layer runs
+on the kept inputs as far as the experts call, whose arguments (the hidden states and the
+router's `top_k_index`, i.e. the model's own routing) are kept, and the caller quantizes each
+expert on the tokens routed to it. The quantized experts module computes the rest of the
+layer's calibration directly.
+
 Peak memory is one decoder layer's activations plus the kept hidden states (samples × seq_len ×
 hidden in the model dtype, inputs and outputs of the current layer), not the model twice. With
 a calibration device, each layer is moved there for its turn and back afterwards, so a GPU needs
@@ -36,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.models import decoder_layers_prefix, replace_module
+from compress.quant.experts import RoutedBatch
 from compress.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 # (layer name, Linear, its input Hessian, number of rows it was built from) → replacement.
 QuantizeFn = Callable[[str, nn.Linear, torch.Tensor, int], nn.Module]
 HessianFn = Callable[[torch.Tensor | None, torch.Tensor, int], tuple[torch.Tensor, int]]
+# (experts module name, the module, what each calibration batch called it with) → replacement.
+QuantizeExpertsFn = Callable[[str, nn.Module, list[RoutedBatch]], nn.Module]
 
 
 class _StopForward(Exception):
@@ -88,22 +97,29 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     return outputs
 
 
+def _first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def data_flow_steps(
-    layer: nn.Module, names: dict[str, nn.Linear], inputs: LayerInputs
+    layer: nn.Module, names: dict[str, nn.Module], inputs: LayerInputs
 ) -> list[list[str]]:
-    """Group Linear layers that read the same input tensor, in the order they run."""
+    """Group Linear layers that read the same input tensor, in the order they run; any other
+    module (an experts module) is a step of its own."""
     first_seen: dict[str, int] = {}
     # The input tensors themselves are kept (not just their addresses) so that no freed
     # tensor's memory can be reused by a later input and make two different inputs look equal.
-    inputs_seen: dict[str, torch.Tensor] = {}
+    inputs_seen: dict[str, Any] = {}
     handles = []
     for name, module in names.items():
 
-        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+        def hook(m: nn.Module, args: tuple, kwargs: dict[str, Any], name: str = name) -> None:
             first_seen.setdefault(name, len(first_seen))
-            inputs_seen.setdefault(name, args[0])
+            # A module that is no Linear gets a key of its own: it is never grouped.
+            own = _first_input(args, kwargs) if isinstance(m, nn.Linear) else object()
+            inputs_seen.setdefault(name, own)
 
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         single = LayerInputs(hidden=inputs.hidden[:1], kwargs=inputs.kwargs[:1])
         _run_layer(layer, single)
@@ -112,7 +128,7 @@ def data_flow_steps(
             handle.remove()
     never_called = sorted(set(names) - set(first_seen))
     if never_called:
-        raise RuntimeError(f"Linear layers never called in their decoder layer: {never_called}")
+        raise RuntimeError(f"modules never called in their decoder layer: {never_called}")
     steps: list[list[str]] = []
     step_of_input: dict[int, list[str]] = {}
     for name in sorted(first_seen, key=first_seen.__getitem__):
@@ -158,6 +174,30 @@ def _step_hessians(
     return state[0], state[1]
 
 
+def routed_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs) -> list[RoutedBatch]:
+    """What `module` (an experts module) is called with on every batch: the hidden states
+    (T, H) and the router's top_k_index (T, k). Each batch runs the layer up to that call."""
+    routed: list[RoutedBatch] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        routed.append(RoutedBatch(_first_input(args, kwargs).detach(), index.detach()))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            with contextlib.suppress(_StopForward):
+                layer(hidden, **kwargs)
+    finally:
+        handle.remove()
+    if len(routed) != len(inputs.hidden):
+        raise RuntimeError(
+            f"experts module called on {len(routed)} of {len(inputs.hidden)} calibration batches"
+        )
+    return routed
+
+
 class _DequantizedLinear(nn.Module):
     """Stand-in for a quantized layer during the rest of its decoder layer's calibration.
 
@@ -191,15 +231,20 @@ def quantize_sequentially(
     accumulate: HessianFn,
     quantize: QuantizeFn,
     device: torch.device | None = None,
+    experts: dict[str, nn.Module] | None = None,
+    quantize_experts: QuantizeExpertsFn | None = None,
 ) -> int:
-    """Quantize every selected Linear inside the decoder layers, layer by layer.
+    """Quantize every selected Linear (and experts module) in the decoder layers, layer by layer.
 
     With `device`, the kept activations live there and each decoder layer is moved there for
     its calibration and back where it was afterwards: a model held in CPU memory is calibrated
     on a GPU holding one layer at a time. Returns how many layers were replaced. Selected
     Linears outside the decoder layers (e.g. an explicitly included lm_head) must be handled
-    by the caller.
+    by the caller. `experts` (by name) are replaced by what `quantize_experts` makes of them.
     """
+    experts = experts or {}
+    if experts and quantize_experts is None:
+        raise ValueError("experts modules selected without a quantize_experts function")
     prefix = decoder_layers_prefix(model)
     layers = model.get_submodule(prefix)
     inputs = capture_first_layer_inputs(model, windows, batch_size)
@@ -213,13 +258,19 @@ def quantize_sequentially(
         layer_prefix = f"{prefix}.{index}."
         in_layer = {
             n.removeprefix(layer_prefix): m
-            for n, m in selected.items()
+            for n, m in {**selected, **experts}.items()
             if n.startswith(layer_prefix)
         }
         quantized: dict[str, nn.Module] = {}
         if in_layer:
             for step in data_flow_steps(layer, in_layer, inputs):
                 modules = {name: layer.get_submodule(name) for name in step}
+                if step[0] in experts_names(experts, layer_prefix):
+                    (name,) = step
+                    routed = routed_inputs(layer, modules[name], inputs)
+                    quantized[name] = quantize_experts(layer_prefix + name, modules[name], routed)
+                    replace_module(layer, name, quantized[name])
+                    continue
                 hessian, rows = _step_hessians(layer, modules, inputs, accumulate)
                 for name, module in modules.items():
                     quantized[name] = quantize(layer_prefix + name, module, hessian, rows)
@@ -230,6 +281,10 @@ def quantize_sequentially(
         layer.to(home)
         replaced += len(quantized)
     return replaced
+
+
+def experts_names(experts: dict[str, nn.Module], layer_prefix: str) -> set[str]:
+    return {n.removeprefix(layer_prefix) for n in experts if n.startswith(layer_prefix)}
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -1,8 +1,10 @@
-"""The `quantize` stage: choose Linear layers, check them, replace them with QuantLinear."""
+"""The `quantize` stage: choose Linear layers and MoE experts, check them, replace them with
+QuantLinear and QuantExperts, and report the share of the decoder's weights now quantized."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,10 +13,24 @@ from tqdm.auto import tqdm
 from compress.errors import PreflightError
 from compress.models import DTYPES, replace_module
 from compress.quant.config import QuantizeConfig
-from compress.quant.gptq import accumulate_hessian, gptq_quantize
+from compress.quant.experts import (
+    ExpertsCalibration,
+    QuantExperts,
+    RoutedBatch,
+    quantize_experts_gptq,
+    quantize_experts_rtn,
+)
+from compress.quant.gptq import GPTQResult, accumulate_hessian, gptq_quantize
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
-from compress.quant.plan import preflight, range_search_of, select_layers, spec_of
+from compress.quant.plan import (
+    Selection,
+    decoder_weights,
+    preflight,
+    range_search_of,
+    select_targets,
+    spec_of,
+)
 from compress.quant.primitives import QuantSpec
 from compress.quant.rtn import rtn_quantize
 from compress.quant.sequential import quantize_sequentially
@@ -25,21 +41,27 @@ log = logging.getLogger(__name__)
 
 def _quantize_rtn(
     model: nn.Module,
-    layers: dict[str, nn.Linear],
+    selection: Selection,
     config: QuantizeConfig,
     spec: QuantSpec,
     scale_dtype: torch.dtype,
 ) -> dict[str, float]:
     search = range_search_of(config)
-    for name, layer in tqdm(layers.items(), desc="quantize (rtn)", unit="layer"):
+    for name, layer in tqdm(selection.linears.items(), desc="quantize (rtn)", unit="layer"):
         packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype, search=search)
         replace_module(model, name, _quant_linear(layer, packed, spec))
+
+    def rtn(_name: str, weight: torch.Tensor) -> PackedWeight:
+        return rtn_quantize(weight, spec, scale_dtype, search=search)
+
+    for name, module in tqdm(selection.experts.items(), desc="quantize experts", unit="layer"):
+        replace_module(model, name, quantize_experts_rtn(module, spec, rtn))
     return {}
 
 
 def _quantize_gptq(
     model: nn.Module,
-    layers: dict[str, nn.Linear],
+    selection: Selection,
     config: QuantizeConfig,
     spec: QuantSpec,
     scale_dtype: torch.dtype,
@@ -53,10 +75,10 @@ def _quantize_gptq(
     errors: list[float] = []
     raised_damp = dead = 0
 
-    def quantize(name: str, layer: nn.Linear, hessian: torch.Tensor, _rows: int) -> nn.Module:
+    def run_gptq(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQResult:
         nonlocal raised_damp, dead
         result = gptq_quantize(
-            layer.weight.detach(),
+            weight,
             hessian,
             spec,
             scale_dtype,
@@ -69,26 +91,73 @@ def _quantize_gptq(
         raised_damp += result.damp > options.damp_percent
         dead += result.dead_columns
         log.debug("gptq %s: error %.4g, damp %.3g", name, result.error, result.damp)
-        return _quant_linear(layer, result.packed, spec)
+        return result
+
+    def quantize(name: str, layer: nn.Linear, hessian: torch.Tensor, _rows: int) -> nn.Module:
+        return _quant_linear(layer, run_gptq(name, layer.weight.detach(), hessian).packed, spec)
+
+    calibrations: dict[str, ExpertsCalibration] = {}
+
+    def quantize_experts(name: str, module: nn.Module, routed: list[RoutedBatch]) -> nn.Module:
+        quantized, calibrations[name] = quantize_experts_gptq(
+            module,
+            routed,
+            spec,
+            accumulate=accumulate_hessian,
+            gptq=lambda key, w, h, _rows: run_gptq(f"{name}.{key}", w, h).packed,
+            rtn=lambda _key, w: rtn_quantize(w, spec, scale_dtype, search=search),
+            min_tokens_per_feature=options.expert_min_tokens_per_feature,
+        )
+        return quantized
 
     replaced = quantize_sequentially(
         model,
-        layers,
+        selection.linears,
         windows,
         batch_size=context.calibration_batch_size,
         accumulate=accumulate_hessian,
         quantize=quantize,
         device=context.calibration_device,
+        experts=selection.experts,
+        quantize_experts=quantize_experts,
     )
-    if replaced != len(layers):
-        raise RuntimeError(f"gptq replaced {replaced} of {len(layers)} selected layers")
+    expected = len(selection.linears) + len(selection.experts)
+    if replaced != expected:
+        raise RuntimeError(f"gptq replaced {replaced} of {expected} selected modules")
     return {
         "calibration_tokens": int(windows.numel()),
         "calibration_device": str(context.calibration_device),
-        "gptq_error_mean": sum(errors) / len(errors),
-        "gptq_error_max": max(errors),
+        "gptq_error_mean": sum(errors) / len(errors) if errors else 0.0,
+        "gptq_error_max": max(errors, default=0.0),
         "layers_with_raised_damp": int(raised_damp),
         "dead_input_columns": int(dead),
+        **_experts_calibration_details(calibrations, options.expert_min_tokens_per_feature),
+    }
+
+
+def _experts_calibration_details(
+    calibrations: dict[str, ExpertsCalibration], min_tokens_per_feature: float
+) -> dict[str, Any]:
+    """Routed-token counts and the experts' matrices that fell back to round to nearest."""
+    if not calibrations:
+        return {}
+    tokens = [t for c in calibrations.values() for t in c.tokens]
+    fallback = {name: c.rtn_fallback for name, c in calibrations.items() if c.rtn_fallback}
+    count = sum(len(v) for v in fallback.values())
+    if count:
+        log.warning(
+            "gptq: %d of %d expert matrices saw fewer than %g tokens per input feature and "
+            "were rounded to nearest: %s",
+            count,
+            3 * len(tokens),
+            min_tokens_per_feature,
+            "; ".join(f"{name}: {', '.join(keys)}" for name, keys in fallback.items()),
+        )
+    return {
+        "expert_tokens_min": min(tokens),
+        "expert_tokens_max": max(tokens),
+        "expert_tokens_mean": sum(tokens) / len(tokens),
+        "expert_matrices_rtn_fallback": count,
     }
 
 
@@ -127,6 +196,23 @@ def _share_quantized_head_with_embeddings(
     return True
 
 
+def _quant_experts(model: nn.Module, selection: Selection) -> list[QuantExperts]:
+    return [model.get_submodule(name) for name in selection.experts]  # type: ignore[misc]
+
+
+def _weight_shares(before: dict, after: dict) -> dict[str, float]:
+    """Shares of the decoder's weight-matrix parameters (Linear weights, experts' matrices,
+    routers; by parameter count): quantized by this stage, and quantized now (earlier stages
+    included). Before and after are `decoder_weights` of the model."""
+    total = sum(entry.numel for entry in before.values())
+    was = sum(e.numel for e in before.values() if e.kind == "quantized")
+    now = sum(e.numel for e in after.values() if e.kind == "quantized")
+    return {
+        "quantized_weight_share": now / total if total else 0.0,
+        "stage_weight_share": (now - was) / total if total else 0.0,
+    }
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -135,30 +221,46 @@ def _param_bytes(module: nn.Module) -> int:
 def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageContext) -> StageResult:
     spec = spec_of(config)
     scale_dtype = DTYPES[context.dtype]
-    layers = select_layers(model, config)
-    bytes_before = sum(_param_bytes(layer) for layer in layers.values())
+    selection = select_targets(model, config)
+    layers = selection.linears
+    names = [*layers, *selection.experts]
+    bytes_before = sum(_param_bytes(model.get_submodule(name)) for name in names)
+    before = decoder_weights(model)
     if config.method == "gptq":
-        extra = _quantize_gptq(model, layers, config, spec, scale_dtype, context)
+        extra = _quantize_gptq(model, selection, config, spec, scale_dtype, context)
     else:
-        extra = _quantize_rtn(model, layers, config, spec, scale_dtype)
+        extra = _quantize_rtn(model, selection, config, spec, scale_dtype)
     tied_table = _share_quantized_head_with_embeddings(model, layers)
-    bytes_after = sum(model.get_submodule(name).stored_bytes() for name in layers)
+    bytes_after = sum(model.get_submodule(name).stored_bytes() for name in names)
+    shares = _weight_shares(before, decoder_weights(model))
+    experts_part = (
+        f" and {len(selection.experts)} experts modules "
+        f"({sum(m.num_experts for m in _quant_experts(model, selection))} experts)"
+        if selection.experts
+        else ""
+    )
     log.info(
-        "quantized %d layers to %s (%s): %.1f MB → %.1f MB",
+        "quantized %d Linear layers%s to %s (%s): %.1f MB → %.1f MB; %.1f%% of the decoder's "
+        "weight matrices are quantized",
         len(layers),
+        experts_part,
         config.scheme,
         config.method,
         bytes_before / 1e6,
         bytes_after / 1e6,
+        100 * shares["quantized_weight_share"],
     )
     return StageResult(
-        summary=f"{len(layers)} Linear layers → {config.scheme} "
-        f"({config.method}, {config.observer} ranges)",
+        summary=f"{len(layers)} Linear layers{experts_part} → {config.scheme} "
+        f"({config.method}, {config.observer} ranges); "
+        f"{100 * shares['quantized_weight_share']:.1f}% of decoder weights quantized",
         details={
             "scheme": config.scheme,
             "method": config.method,
             "observer": config.observer,
             "layers": len(layers),
+            "experts_modules": len(selection.experts),
+            **shares,
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "ratio": bytes_after / bytes_before,
