@@ -31,7 +31,7 @@ from compress.errors import PreflightError
 from compress.models import DTYPES, decoder_layers_prefix
 from compress.quant.config import QuantizeConfig
 from compress.quant.plan import preflight as quantize_preflight
-from compress.quant.plan import range_search_of, select_layers, spec_of
+from compress.quant.plan import range_search_of, select_layers, select_targets, spec_of
 from compress.registry import StageContext, StageResult, register_stage
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,20 @@ def _qat_as_quantize(config: DistillConfig) -> QuantizeConfig:
     )
 
 
+def _refuse_qat_over_experts(model: nn.Module, config: DistillConfig) -> None:
+    """QAT fake-quantizes Linear layers; MoE experts (3-D parameters) would train unaware of the
+    quantization the next stage applies to them, so say so rather than train half the model."""
+    experts = sorted(select_targets(model, _qat_as_quantize(config)).experts)
+    if experts:
+        more = f" and {len(experts) - 3} more" if len(experts) > 3 else ""
+        shown = ", ".join(experts[:3]) + more
+        raise PreflightError(
+            f"QAT fake-quantizes Linear layers only, and this model's experts ({shown}) would "
+            "train without it; distill without `qat` (the quantize stage still quantizes them)",
+            field="qat",
+        )
+
+
 def preflight(model: nn.Module, config: DistillConfig) -> None:
     """Student-side checks, against the model as the earlier stages will leave it."""
     if config.hidden is not None:
@@ -68,6 +82,7 @@ def preflight(model: nn.Module, config: DistillConfig) -> None:
         except PreflightError as exc:
             field = f"qat.{exc.field}" if exc.field else "qat"
             raise PreflightError(str(exc), field=field) from None
+        _refuse_qat_over_experts(model, config)
     check_batch_size(config.batch_size, world_size_from_environment())
     if world_size_from_environment() == 1:  # under a launcher, each process has its device
         calibration_device(config.device, field="device")

@@ -129,6 +129,17 @@ def test_qat_trains_against_exactly_what_the_quantize_stage_then_stores():
         assert torch.equal(layer.dequantized_weight(), weight), name
 
 
+def test_qat_over_moe_experts_is_refused_naming_them():
+    """QAT fake-quantizes Linears only: on a MoE model the experts would train unaware."""
+    from tests.families import tiny_family_model
+
+    student = tiny_family_model("qwen2_moe", VOCAB)
+    config = DistillConfig(steps=1, qat={"bits": 4, "group_size": 32})
+    with pytest.raises(PreflightError, match=r"model\.layers\.0\.mlp\.experts") as caught:
+        handler_for(config).preflight(student, config)
+    assert caught.value.field == "qat"
+
+
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(monkeypatch):
     teacher, student = _pruned_pair()
     teacher.resize_token_embeddings(VOCAB + 8)
