@@ -4,7 +4,10 @@ Direct slicing, by the module-name table in `compress.prune.plan`, rather than a
 dependency graph: for the HF decoder layout the coupled tensors of a head, a KV group or an
 FFN channel are known exactly (and tested against a masked forward pass), and the config
 fields that must change with them (`num_key_value_heads`, `head_dim`, `layer_types`, each
-attention's `layer_idx`) are not part of any graph.
+attention's `layer_idx`) are not part of any graph. A fused projection (Phi-3 `qkv_proj`,
+`gate_up_proj`) is sliced as its parts would be: the kept rows of each part, offset by the
+rows of the parts before it, so the parts stay in order and the model's own split of the
+fused output still finds them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,18 @@ import torch
 from torch import nn
 
 from compress.models import replace_module
-from compress.prune.plan import DOWN, GATE, HEAD_NORMS, KEY, OUTPUT, QUERY, UP, VALUE
+from compress.prune.plan import (
+    DOWN,
+    GATE,
+    GATE_UP,
+    HEAD_NORMS,
+    KEY,
+    OUTPUT,
+    QKV,
+    QUERY,
+    UP,
+    VALUE,
+)
 from compress.prune.scores import expand_units
 
 
@@ -50,14 +64,20 @@ def prune_attention(
     """
     query_rows = expand_units(query_heads, head_dim)
     kv_rows = expand_units(kv_heads, head_dim)
-    norm_sizes = {
-        QUERY: attention.get_submodule(QUERY).out_features,
-        KEY: attention.get_submodule(KEY).out_features,
-    }
-    keep_rows(attention.get_submodule(QUERY), query_rows)
-    keep_rows(attention.get_submodule(KEY), kv_rows)
-    keep_rows(attention.get_submodule(VALUE), kv_rows)
-    keep_columns(attention.get_submodule(OUTPUT), query_rows)
+    output = attention.get_submodule(OUTPUT)
+    # Rows of all query heads and of all KV heads, before slicing (the norms' full widths).
+    norm_sizes = {QUERY: output.in_features}
+    if hasattr(attention, QKV):  # fused rows [q heads | k heads | v heads]
+        fused = attention.get_submodule(QKV)
+        norm_sizes[KEY] = (fused.out_features - output.in_features) // 2
+        q_size, kv_size = norm_sizes[QUERY], norm_sizes[KEY]
+        keep_rows(fused, torch.cat([query_rows, q_size + kv_rows, q_size + kv_size + kv_rows]))
+    else:
+        norm_sizes[KEY] = attention.get_submodule(KEY).out_features
+        keep_rows(attention.get_submodule(QUERY), query_rows)
+        keep_rows(attention.get_submodule(KEY), kv_rows)
+        keep_rows(attention.get_submodule(VALUE), kv_rows)
+    keep_columns(output, query_rows)
     spanning = []
     for norm_name, projection in HEAD_NORMS.items():
         norm = getattr(attention, norm_name, None)
@@ -77,10 +97,16 @@ def prune_attention(
 
 
 def prune_mlp(mlp: nn.Module, channels: torch.Tensor) -> None:
-    """Keep FFN `channels`: gate/up rows and down columns."""
-    keep_rows(mlp.get_submodule(GATE), channels)
-    keep_rows(mlp.get_submodule(UP), channels)
-    keep_columns(mlp.get_submodule(DOWN), channels)
+    """Keep FFN `channels`: gate/up rows (both halves of a fused gate_up_proj, at the same
+    channel indices) and down columns."""
+    down = mlp.get_submodule(DOWN)
+    if hasattr(mlp, GATE_UP):  # fused rows [gate | up]
+        size = down.in_features
+        keep_rows(mlp.get_submodule(GATE_UP), torch.cat([channels, size + channels]))
+    else:
+        keep_rows(mlp.get_submodule(GATE), channels)
+        keep_rows(mlp.get_submodule(UP), channels)
+    keep_columns(down, channels)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = channels.numel()
 

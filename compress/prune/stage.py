@@ -27,9 +27,9 @@ from compress.prune.plan import (
     ModelShape,
     Targets,
     apply_targets_to_config,
-    model_shape,
+    logical_weight,
+    plan_targets,
     planned_model,
-    resolve_targets,
 )
 from compress.prune.scores import (
     Projections,
@@ -50,30 +50,35 @@ log = logging.getLogger(__name__)
 
 
 def preflight(model: nn.Module, config: PruneConfig) -> None:
-    """Module names, shapes and every target, checked before any scoring."""
-    resolve_targets(model_shape(model), config)
+    """Module names, layouts, shapes, every target and the pruned config as the model's own
+    config class sees it, checked before any scoring."""
+    plan_targets(model, config)
 
 
-def _weight(layer: nn.Module, name: str) -> torch.Tensor:
-    return layer.get_submodule(name).weight.detach()
+def _weight(layer: nn.Module, name: str, shape: ModelShape) -> torch.Tensor:
+    """A projection's weight by its split name; a view of the rows of a fused one."""
+    return logical_weight(layer, name, shape)
 
 
 def _taylor(stats: LayerStatistics, *names: str) -> tuple[torch.Tensor, ...] | None:
     return tuple(stats.taylor[n] for n in names) if stats.taylor else None
 
 
-def _head_energy(layer: nn.Module, stats: LayerStatistics) -> torch.Tensor:
+def _head_energy(layer: nn.Module, shape: ModelShape, stats: LayerStatistics) -> torch.Tensor:
     """Each query head's contribution to the residual stream, Σ‖W_h a_h‖², (H,)."""
     if stats.attention_gram is None:
         raise ValueError("activation scores need attention statistics (a calibration pass)")
-    return head_output_energy(_weight(layer, f"{ATTENTION}.{OUTPUT}"), stats.attention_gram)
+    output = _weight(layer, f"{ATTENTION}.{OUTPUT}", shape)
+    return head_output_energy(output, stats.attention_gram)
 
 
-def _query_elements(layer: nn.Module, config: PruneConfig, stats: LayerStatistics) -> torch.Tensor:
+def _query_elements(
+    layer: nn.Module, shape: ModelShape, config: PruneConfig, stats: LayerStatistics
+) -> torch.Tensor:
     """Per-element partial scores of the q rows and o columns, (H·D,)."""
     q, o = f"{ATTENTION}.{QUERY}", f"{ATTENTION}.{OUTPUT}"
     return element_scores(
-        Projections(rows=(_weight(layer, q),), columns=(_weight(layer, o),)),
+        Projections(rows=(_weight(layer, q, shape),), columns=(_weight(layer, o, shape),)),
         config.criterion,
         UnitStats(None, _taylor(stats, q), _taylor(stats, o)),
         config.norm,
@@ -85,9 +90,9 @@ def query_head_scores(
 ) -> torch.Tensor:
     """(H,) importance of each query head."""
     if config.criterion == "activation":
-        return _head_energy(layer, stats).sqrt()
+        return _head_energy(layer, shape, stats).sqrt()
     return unit_scores(
-        _query_elements(layer, config, stats), shape.head_dim, config.criterion, config.norm
+        _query_elements(layer, shape, config, stats), shape.head_dim, config.criterion, config.norm
     )
 
 
@@ -99,17 +104,17 @@ def kv_group_scores(
     if config.criterion == "activation":
         # k/v feed attention, not the residual stream: a KV group's contribution is that of
         # its query heads (their sum, cross-head terms left out).
-        return _head_energy(layer, stats).reshape(groups, -1).sum(1).sqrt()
+        return _head_energy(layer, shape, stats).reshape(groups, -1).sum(1).sqrt()
     k, v = f"{ATTENTION}.{KEY}", f"{ATTENTION}.{VALUE}"
     kv_elements = element_scores(  # (KV·D,): k and v rows of each KV head summed
-        Projections(rows=(_weight(layer, k), _weight(layer, v)), columns=()),
+        Projections(rows=(_weight(layer, k, shape), _weight(layer, v, shape)), columns=()),
         config.criterion,
         UnitStats(None, _taylor(stats, k, v), ()),
         config.norm,
     )
     owned = torch.cat(  # (KV, G·D + D): everything one KV group owns
         [
-            _query_elements(layer, config, stats).reshape(groups, -1),
+            _query_elements(layer, shape, config, stats).reshape(groups, -1),
             kv_elements.reshape(groups, -1),
         ],
         dim=1,
@@ -135,13 +140,18 @@ def choose_heads(
 
 
 def choose_channels(
-    layer: nn.Module, targets: Targets, config: PruneConfig, stats: LayerStatistics
+    layer: nn.Module,
+    shape: ModelShape,
+    targets: Targets,
+    config: PruneConfig,
+    stats: LayerStatistics,
 ) -> torch.Tensor:
     """Kept FFN channels of one layer, ascending."""
     gate, up, down = (f"{MLP}.{n}" for n in (GATE, UP, DOWN))
     elements = element_scores(  # (I,)
         Projections(
-            rows=(_weight(layer, gate), _weight(layer, up)), columns=(_weight(layer, down),)
+            rows=(_weight(layer, gate, shape), _weight(layer, up, shape)),
+            columns=(_weight(layer, down, shape),),
         ),
         config.criterion,
         UnitStats(stats.ffn_input_sq, _taylor(stats, gate, up), _taylor(stats, down)),
@@ -181,8 +191,7 @@ def prune_with_statistics(
 ) -> StageResult:
     """Score with `stats` (from `statistics_for`, or any pass that gathered at least as much),
     slice the model in place, and report."""
-    shape = model_shape(model)
-    targets = resolve_targets(shape, config)
+    shape, targets = plan_targets(model, config)
     parameters_before = count_params(model)
     layer_stats = stats.layers if stats else [LayerStatistics() for _ in range(shape.num_layers)]
 
@@ -215,7 +224,7 @@ def prune_with_statistics(
         if targets.intermediate_size != shape.intermediate_size:
             prune_mlp(
                 layer.get_submodule(MLP),
-                choose_channels(layer, targets, config, layer_stats[index]),
+                choose_channels(layer, shape, targets, config, layer_stats[index]),
             )
     kept_layers = remove_layers(model, prefix, removed)
     apply_targets_to_config(model.config, shape, targets, kept_layers)

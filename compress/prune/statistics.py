@@ -7,7 +7,9 @@ per weight row or per weight column), so memory does not grow with the number of
   per FFN channel Σ x² of down_proj's input, via forward pre-hooks;
 - taylor: the signed Σ g·w per row of q/k/v/gate/up and per column of o/down, where g is the
   gradient of the causal-LM loss on the batch; the gradient is reduced and dropped after each
-  batch, so only one batch's gradients exist at a time;
+  batch, so only one batch's gradients exist at a time. A fused projection's rows are reduced
+  once and stored under its parts' split names (`qkv_proj` → `q_proj`, `k_proj`, `v_proj`), so
+  scoring reads one vocabulary whatever the layout;
 - layer distances: Σ over tokens of 1 − cos(layer input, layer output), via forward hooks.
 """
 
@@ -35,11 +37,13 @@ from compress.prune.plan import (
     VALUE,
     ModelShape,
     model_shape,
+    pruned_linears,
 )
 from compress.prune.scores import cosine_distance_sum
 
 log = logging.getLogger(__name__)
 
+# Logical (split-layout) names of the projections whose rows / columns a unit owns.
 ROW_OWNED = (
     f"{ATTENTION}.{QUERY}",
     f"{ATTENTION}.{KEY}",
@@ -99,7 +103,9 @@ def _register_activation_hooks(
         handles.append(
             layer.get_submodule(f"{ATTENTION}.{OUTPUT}").register_forward_pre_hook(attention_hook)
         )
-        handles.append(layer.get_submodule(f"{MLP}.{DOWN}").register_forward_pre_hook(ffn_hook))
+        if shape.mlp in ("split", "fused"):  # routed experts have no channel to score
+            down = layer.get_submodule(f"{MLP}.{DOWN}")
+            handles.append(down.register_forward_pre_hook(ffn_hook))
     return handles
 
 
@@ -126,17 +132,25 @@ def _register_distance_hooks(
     return handles
 
 
-def _accumulate_taylor(layers: nn.ModuleList, stats: list[LayerStatistics]) -> None:
+def _accumulate_taylor(
+    layers: nn.ModuleList, stats: list[LayerStatistics], shape: ModelShape
+) -> None:
     """Reduce this batch's weight gradients to Σ g·w per row / column, then drop them."""
     for layer, layer_stats in zip(layers, stats, strict=True):
-        for name in (*ROW_OWNED, *COLUMN_OWNED):
+        for name in pruned_linears(shape):
             weight = layer.get_submodule(name).weight
             if weight.grad is None:
                 raise RuntimeError(f"no gradient reached {name}; is the module used?")
             product = weight.grad.float() * weight.detach().float()  # (out, in)
-            reduced = product.sum(1) if name in ROW_OWNED else product.sum(0)
-            layer_stats.taylor[name] = _accumulate(layer_stats.taylor.get(name), reduced)
             weight.grad = None
+            if name in COLUMN_OWNED:
+                reduced = {name: product.sum(0)}
+            else:
+                parts = shape.row_splits.get(name, ((name, product.shape[0]),))
+                rows = product.sum(1).split([n for _, n in parts])
+                reduced = {part: r for (part, _), r in zip(parts, rows, strict=True)}
+            for part, value in reduced.items():
+                layer_stats.taylor[part] = _accumulate(layer_stats.taylor.get(part), value)
 
 
 def collect_statistics(
@@ -150,17 +164,14 @@ def collect_statistics(
 ) -> CalibrationStatistics:
     """Run the calibration windows (N, T) through the model once, gathering what is asked."""
     layers = model.get_submodule(decoder_layers_prefix(model))
+    shape = model_shape(model)
     stats = [LayerStatistics() for _ in layers]
     handles = []
     if activations:
-        handles += _register_activation_hooks(layers, stats, model_shape(model))
+        handles += _register_activation_hooks(layers, stats, shape)
     if layer_distances:
         handles += _register_distance_hooks(layers, stats)
-    scored = {
-        id(layer.get_submodule(name).weight)
-        for layer in layers
-        for name in (*ROW_OWNED, *COLUMN_OWNED)
-    }
+    scored = {id(layer.get_submodule(n).weight) for layer in layers for n in pruned_linears(shape)}
     flags = {p: p.requires_grad for p in model.parameters()}
     tokens = 0
     try:
@@ -173,7 +184,7 @@ def collect_statistics(
                 if gradients:
                     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                     loss.backward()
-                    _accumulate_taylor(layers, stats)
+                    _accumulate_taylor(layers, stats, shape)
                 else:
                     with torch.no_grad():
                         model(input_ids=batch, use_cache=False)
