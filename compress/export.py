@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -83,6 +84,19 @@ def int_quantized_config(qconfig: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _refuse_experts(source: Path, layers: list[str]) -> None:
+    """Stock transformers merges per-expert checkpoint tensors into its fused expert parameters
+    through a conversion that finds no `weight` in the unpacked layout and fails; the
+    pack-quantized artifact itself is what it reads (symmetric)."""
+    experts = [name for name in layers if re.search(r"\.experts\.\d+\.", name)]
+    if experts:
+        raise ArtifactError(
+            f"{source}: int-quantized cannot carry quantized MoE experts ({experts[0]} and "
+            f"{len(experts) - 1} more): stock transformers fails to merge them into its fused "
+            "expert weights; a symmetric artifact loads in stock transformers as it is"
+        )
+
+
 def export_artifact(
     source: Path, destination: Path, fmt: ExportFormat, *, overwrite: bool = False
 ) -> Path:
@@ -104,6 +118,7 @@ def export_artifact(
     packed = load_file(str(source / WEIGHTS))
     layers = [k.removesuffix(".weight_packed") for k in packed if k.endswith(".weight_packed")]
     specs = layer_specs(qconfig, layers)
+    _refuse_experts(source, layers)
 
     with staging_dir(destination) as tmp:
         save_file(to_int_quantized(packed, specs), str(tmp / WEIGHTS), metadata={"format": "pt"})

@@ -671,12 +671,11 @@ def test_bos_windows_and_post_processed_logits_through_the_pipeline(
     assert pipeline.check(recipe)["windows_start_with_bos"] is True
     windows = []
     real_measure = pipeline.measure_quality
-    spy = lambda model, held_out, baseline: (
+
+    def spy(model, held_out, baseline):
         windows.append(held_out)
-        or real_measure(  # noqa: E731
-            model, held_out, baseline
-        )
-    )
+        return real_measure(model, held_out, baseline)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "measure_quality", spy)
         outcome = pipeline.run(recipe)
