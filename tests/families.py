@@ -30,7 +30,17 @@ COMMON: dict[str, Any] = {
 
 # family → the config overrides that switch on its conventions.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"tie_word_embeddings": True},
+    "llama": {  # Llama 3.x: rope_type llama3 (low frequencies stretched past a wavelength)
+        "tie_word_embeddings": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
     "mistral": {"sliding_window": 24},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"tie_word_embeddings": True},  # q_norm / k_norm per head
