@@ -31,6 +31,7 @@ from compress.prune.config import PruneConfig
 from compress.registry import StageContext, StageResult, handler_for
 from tests.families import FAMILIES, tiny_family_model
 from tests.stages.test_prune_stage import _Bypass, _source_indices, _zero_columns
+from tests.stages.test_prune_stage import _prune as prune_with
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ def _context() -> StageContext:
 
 
 def _prune(model: nn.Module, **config) -> StageResult:
-    prune = PruneConfig(**config)
-    handler = handler_for(prune)
-    handler.preflight(model, prune)
-    return handler.apply(model, prune, _context())
+    return prune_with(model, context=_context(), **config)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -88,11 +88,11 @@ def _context() -> StageContext:
     )
 
 
-def _prune(model: nn.Module, **config) -> StageResult:
+def _prune(model: nn.Module, *, context: StageContext | None = None, **config) -> StageResult:
     prune = PruneConfig(**config)
     handler = handler_for(prune)
     handler.preflight(model, prune)
-    return handler.apply(model, prune, _context())
+    return handler.apply(model, prune, context or _context())
 
 
 def _logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
