@@ -687,3 +687,31 @@ def test_bos_windows_and_post_processed_logits_through_the_pipeline(
     assert report["evaluation"]["windows"]["starts_with_bos"] is True
     assert report["quality"]["kl_divergence"] > 0
     assert "Every window starts with BOS" in (outcome.artifact_dir / "report.md").read_text()
+
+
+def test_a_moe_model_ships_with_every_expert_quantized(tmp_path, demo_tokenizer, scorer):
+    """Qwen2-MoE through the whole run with GPTQ: the report states the quantized share of the
+    decoder's weights (experts included), and the shipped artifact reloads with no float
+    expert weights left."""
+    scorer(artifact_right=N_ITEMS)
+    source = save_tiny_family(tmp_path / "moe", "qwen2_moe", demo_tokenizer)
+    recipe = write_recipe(
+        tmp_path,
+        source,
+        calibration=small_calibration(tmp_path),
+        stages=[{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}],
+        eval={"tasks": [{"name": "mmlu", "limit": 1}]},
+        gate={"rule": "point", "budgets": {"mmlu": {"max_drop": 0.10}}},
+    )
+    outcome = pipeline.run(recipe)
+    assert outcome.exit_code == EXIT_OK, outcome
+    report = json.loads((outcome.artifact_dir / "report.json").read_text())
+    (stage,) = report["stages"]
+    assert stage["details"]["quantized_weight_share"] > 0.99  # all but the routers
+    model, _ = load_artifact(outcome.artifact_dir)
+    floats = [
+        name
+        for name, p in model.named_parameters()
+        if ".experts." in name and p.is_floating_point() and p.dim() >= 2
+    ]
+    assert not floats, floats
