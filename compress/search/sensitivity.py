@@ -29,7 +29,7 @@ from compress.evaluate.quality import baseline_logprobs, measure_quality
 from compress.quant.config import QuantizeConfig
 from compress.quant.plan import select_targets
 from compress.quant.primitives import QuantSpec, fake_quantize
-from compress.search.candidates import Format
+from compress.search.candidates import Format, fits
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
         label = "_".join(s.removesuffix("_proj") for s in siblings) if len(members) > 1 else leaf
         groups.append(LayerGroup(f"{parent}.{label}", members))
     return groups
+
+
+def group_formats(model: nn.Module, group: LayerGroup, formats: Sequence[Format]) -> list[Format]:
+    """The formats every layer of the group can take, in the given order."""
+    widths = {model.get_submodule(name).in_features for name in group.layers}
+    return [fmt for fmt in formats if all(fits(fmt, k) for k in widths)]
 
 
 def _spec(fmt: Format) -> QuantSpec:
@@ -97,10 +103,11 @@ def measured_sensitivity(
     *,
     batch_size: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """{group: {format name: KL(baseline ‖ model with only that group in that format)}}."""
+    """{group: {format name: KL(baseline ‖ model with only that group in that format)}}, for
+    the formats that fit every layer of the group."""
     baseline = baseline_logprobs(model, windows, batch_size=batch_size)
     table: dict[str, dict[str, float]] = {g.name: {} for g in groups}
-    pairs = [(g, f) for g in groups for f in formats]
+    pairs = [(g, f) for g in groups for f in group_formats(model, g, formats)]
     for group, fmt in tqdm(pairs, desc="sensitivity", unit="candidate", disable=None):
         if fmt.bits == 16:
             table[group.name][fmt.name] = 0.0
@@ -143,11 +150,12 @@ def proxy_sensitivity(
     formats: Sequence[Format],
     hessians: dict[str, torch.Tensor],
 ) -> dict[str, dict[str, float]]:
-    """{group: {format name: Σ over its layers of tr(ΔW H ΔWᵀ)}}, ΔW the rounding error."""
+    """{group: {format name: Σ over its layers of tr(ΔW H ΔWᵀ)}}, ΔW the rounding error, for
+    the formats that fit every layer of the group."""
     table: dict[str, dict[str, float]] = {}
     for group in groups:
         table[group.name] = {}
-        for fmt in formats:
+        for fmt in group_formats(model, group, formats):
             total = 0.0
             if fmt.bits != 16:
                 for name in group.layers:
