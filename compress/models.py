@@ -313,3 +313,47 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+@dataclass(frozen=True)
+class LogitPostprocessing:
+    """What a model does to its output layer's result before returning logits, in the order and
+    dtype its forward does it, so that the replay stays bit-exact:
+    `logits * multiply_by` (Cohere), `/ divide_by` (Granite), then `tanh(x / c) · c` (Gemma 2/3
+    final soft-capping)."""
+
+    multiply_by: float | None = None
+    divide_by: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.multiply_by is not None:
+            logits = logits * self.multiply_by
+        if self.divide_by is not None:
+            logits = logits / self.divide_by
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def describe(self) -> str:
+        steps = [
+            f"× {self.multiply_by}" if self.multiply_by is not None else "",
+            f"/ {self.divide_by}" if self.divide_by is not None else "",
+            f"soft-capped at {self.softcap}" if self.softcap is not None else "",
+        ]
+        return ", ".join(step for step in steps if step) or "none"
+
+
+def _config_float(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def logit_postprocessing(model: nn.Module) -> LogitPostprocessing:
+    """The post-processing named by the model's config (module docstring); none for most."""
+    config = getattr(model, "config", None)
+    return LogitPostprocessing(
+        multiply_by=_config_float(config, "logit_scale"),
+        divide_by=_config_float(config, "logits_scaling"),
+        softcap=_config_float(config, "final_logit_softcapping"),
+    )

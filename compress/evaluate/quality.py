@@ -74,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compress.errors import BadInputError
+from compress.models import LogitPostprocessing, logit_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -291,50 +292,6 @@ def measure_perplexity(
 
 
 # --------------------------------------------------------------------------- the baseline
-
-
-@dataclass(frozen=True)
-class LogitPostprocessing:
-    """What a model does to its output layer's result before returning logits, in the order and
-    dtype its forward does it, so that the replay stays bit-exact:
-    `logits * multiply_by` (Cohere), `/ divide_by` (Granite), then `tanh(x / c) · c` (Gemma 2/3
-    final soft-capping)."""
-
-    multiply_by: float | None = None
-    divide_by: float | None = None
-    softcap: float | None = None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.multiply_by is not None:
-            logits = logits * self.multiply_by
-        if self.divide_by is not None:
-            logits = logits / self.divide_by
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def describe(self) -> str:
-        steps = [
-            f"× {self.multiply_by}" if self.multiply_by is not None else "",
-            f"/ {self.divide_by}" if self.divide_by is not None else "",
-            f"soft-capped at {self.softcap}" if self.softcap is not None else "",
-        ]
-        return ", ".join(step for step in steps if step) or "none"
-
-
-def _config_float(config: Any, name: str) -> float | None:
-    value = getattr(config, name, None)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def logit_postprocessing(model: nn.Module) -> LogitPostprocessing:
-    """The post-processing named by the model's config (module docstring); none for most."""
-    config = getattr(model, "config", None)
-    return LogitPostprocessing(
-        multiply_by=_config_float(config, "logit_scale"),
-        divide_by=_config_float(config, "logits_scaling"),
-        softcap=_config_float(config, "final_logit_softcapping"),
-    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from compress.errors import ArtifactError
+from compress.models import logit_postprocessing
 from compress.onnx.layers import (
     MS_DOMAIN,
     AttentionSpec,
@@ -588,15 +589,18 @@ def _block_output(
     return scaled(ctx.g, out, multiplier, name)
 
 
-def _logits(g: _GraphBuilder, logits: str, config: Any) -> str:
-    """Granite's logits / logits_scaling, Gemma's final soft-capping."""
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None and scaling != 1.0:
-        divisor = g.constant("logits_scaling", np.array(scaling, dtype=np.float32))
+def _logits(g: _GraphBuilder, logits: str, model: nn.Module) -> str:
+    """The model's own logit post-processing (`models.logit_postprocessing`): Granite's
+    / logits_scaling, Gemma's final soft-capping; a scale of 1 is left out (exact either way)."""
+    post = logit_postprocessing(model)
+    if post.multiply_by is not None and post.multiply_by != 1.0:
+        factor = g.constant("logit_scale", np.array(post.multiply_by, dtype=np.float32))
+        logits = g.one("Mul", [logits, factor], name="logits/scale")
+    if post.divide_by is not None and post.divide_by != 1.0:
+        divisor = g.constant("logits_scaling", np.array(post.divide_by, dtype=np.float32))
         logits = g.one("Div", [logits, divisor], name="logits/scaling")
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = soft_cap(g, logits, float(cap), "logits")
+    if post.softcap is not None:
+        logits = soft_cap(g, logits, post.softcap, "logits")
     return logits
 
 
@@ -661,7 +665,7 @@ def build_decoder(model: nn.Module, options: ExportOptions) -> Any:
         )
     final = _norm_named(ctx, decoder, "norm", "model")
     normed, _ = _block_input(ctx, pending, residual, final)
-    logits = _logits(g, _output_layer(g, normed, model, options.accuracy_level), config)
+    logits = _logits(g, _output_layer(g, normed, model, options.accuracy_level), model)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
 
     cache_shape = ["batch", n_kv, "past_tokens", head_dim]
