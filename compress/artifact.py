@@ -45,7 +45,7 @@ from compress.errors import ArtifactError
 from compress.evaluate.plots import PLOT_PREFIX  # plots beside the report, sealed with it
 from compress.fileio import replace_dir, sha256_file, staging_dir
 from compress.models import DTYPES, replace_module
-from compress.quant.config import PER_CHANNEL
+from compress.quant.config import PER_CHANNEL, scheme_name
 from compress.quant.experts import (
     QuantExperts,
     holds_3d_weights,
@@ -362,12 +362,26 @@ def describe_artifact(path: Path) -> dict[str, Any]:
         "format": qconfig.get("format"),
         "export": manifest.get("export"),
         "quantization": schemes,
+        "allocation": _allocation(qconfig) if len(schemes) > 1 else None,
         "unquantized_linear": qconfig.get("ignore", []),
         "stages": [s.get("summary") for s in manifest.get("stages") or [] if isinstance(s, dict)],
         "verdict": (manifest.get("verdict") or {}).get("verdict"),
         "files": manifest["files"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"].values()),
     }
+
+
+def _allocation(qconfig: dict[str, Any]) -> dict[str, str]:
+    """{layer: scheme name} of a mixed-precision artifact, from the exact-name targets we
+    write (`re:^<escaped name>$`)."""
+    allocation = {}
+    for group in qconfig.get("config_groups", {}).values():
+        spec = spec_from_args(group["weights"])
+        name = scheme_name(spec.bits, spec.group_size, spec.symmetric)
+        for target in group["targets"]:
+            layer = re.sub(r"\\(.)", r"\1", target.removeprefix("re:^").removesuffix("$"))
+            allocation[layer] = name
+    return allocation
 
 
 # --------------------------------------------------------------------------- load

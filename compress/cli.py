@@ -1,5 +1,5 @@
-"""`compress run | gate | report | bench | inspect | verify | export`: argument parsing and
-exit codes only."""
+"""`compress run | search | gate | report | bench | inspect | verify | export`: argument
+parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -15,6 +15,28 @@ from compress.errors import EXIT_INTERNAL, EXIT_OK, VERDICT_EXIT, BadInputError,
 from compress.fileio import atomic_write_text
 
 log = logging.getLogger("compress")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from compress.seal import read_key
+    from compress.search.run import search
+
+    sign_key = None if args.sign_key is None else read_key(Path(args.sign_key), "--sign-key")
+    outcome = search(args.recipe, resume=args.resume, sign_key=sign_key)
+    chosen = outcome.summary.get("chosen")
+    result: dict[str, Any] = {
+        "verdict": outcome.verdict,
+        "exit_code": outcome.exit_code,
+        "candidates": len(outcome.summary["candidates"]),
+        "chosen_bytes": None
+        if chosen is None
+        else next(c["bytes"] for c in outcome.summary["candidates"] if c["index"] == chosen),
+    }
+    if outcome.run is not None:
+        result["artifact"] = str(outcome.run.artifact_dir)
+        result["report"] = str(outcome.run.artifact_dir / "report.json")
+    sys.stdout.write(json.dumps(result) + "\n")
+    return outcome.exit_code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -281,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign the judged artifact's manifest with this secret key (manifest.sig)",
     )
     run.set_defaults(handler=_cmd_run)
+
+    search = sub.add_parser(
+        "search",
+        help="the smallest per-layer mix of formats that passes the gate (the recipe's "
+        "`search` section), then built, judged and published as `run` does",
+    )
+    search.add_argument("recipe", help="recipe YAML file with a `search` section")
+    search.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the sensitivity table measured for the same model, windows and formats",
+    )
+    search.add_argument(
+        "--sign-key", metavar="FILE", help="sign the judged artifact's manifest with this key"
+    )
+    search.set_defaults(handler=_cmd_search)
 
     check = sub.add_parser(
         "check",

@@ -68,7 +68,7 @@ from compress.evaluate.gate import GateDecision, batch_of_look, decide, look_pla
 from compress.evaluate.html import render_report_html
 from compress.evaluate.lm_eval_runner import TaskResult
 from compress.evaluate.model_card import render_model_card
-from compress.evaluate.plots import write_loss_curves
+from compress.evaluate.plots import write_loss_curves, write_search_plots
 from compress.evaluate.quality import (
     BaselineLogProbs,
     QualityResult,
@@ -545,16 +545,18 @@ def run(
     parallel: DataParallel | None = None,
     wait: bool = False,
     sign_key: bytes | None = None,
+    annex: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """The whole flow, on one process or as rank 0 of a data-parallel launch (`parallel`),
     whose workers run `serve_distillation` meanwhile. Holds the artifact name's lock from
-    before any work until the verdict is published (`wait`: for another run holding it)."""
+    before any work until the verdict is published (`wait`: for another run holding it).
+    `annex`: sections another command adds to the sealed report (`compress search`'s)."""
     recipe = load_recipe(recipe_path)
     with naming_the_recipe(recipe_path):
         layout = Layout(output_root(recipe), recipe.name)
         check_output_dir(layout.root)
         with artifact_lock(layout.root, recipe.name, wait=wait):
-            return _run_locked(recipe, layout, resume, parallel, sign_key)
+            return _run_locked(recipe, layout, resume, parallel, sign_key, annex or {})
 
 
 class _Clock:
@@ -580,6 +582,7 @@ def _run_locked(
     resume: bool,
     parallel: DataParallel | None,
     sign_key: bytes | None,
+    annex: dict[str, Any],
 ) -> RunOutcome:
     clock = _Clock()
     with clock.step("load + preflight"):
@@ -615,6 +618,7 @@ def _run_locked(
         decision,
         {"display": prepared.source.display, "sha256": source_sha},
         clock.total(),
+        annex,
     )
     final = seal_and_publish(layout, decision, sign_key)
     log.info("%s → %s\n%s", decision.verdict.upper(), final, render_markdown(report))
@@ -722,6 +726,7 @@ def write_report(
     decision: GateDecision,
     source: dict[str, str],
     timings: dict[str, float],
+    annex: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json (sealed: compress gate --replay checks it) and its renderings beside the
     artifact; a rendering that fails is logged and noted, never the verdict's undoing."""
@@ -744,6 +749,9 @@ def write_report(
         gate_config=recipe.gate.model_dump(mode="json"),
     )
     report["plots"] = write_loss_curves(state.stages, layout.artifact)
+    report.update(annex or {})
+    if report.get("search"):
+        report["plots"] += write_search_plots(report["search"], layout.artifact)
     report = sealed(report)
     atomic_write_json(layout.artifact / REPORT, report)
     directory = layout.artifact

@@ -37,6 +37,7 @@ from compress.schema import (
     brief,
     error_location,
 )
+from compress.search.config import SearchConfig
 
 RECIPE_VERSION = 1
 ENV_EVAL_DATA_DIR = "COMPRESS_EVAL_DATA_DIR"
@@ -265,6 +266,11 @@ class Recipe(StrictConfig):
     eval: EvalConfig
     gate: GateConfig
     output: OutputConfig = OutputConfig()
+    search: SearchConfig | None = Field(
+        None,
+        description="`compress search`: the smallest per-layer mix of formats that passes the "
+        "gate, built with the quantize stage's method (`compress run` ignores it)",
+    )
 
     @model_validator(mode="after")
     def _calibration_when_needed(self) -> Recipe:
@@ -317,12 +323,40 @@ class Recipe(StrictConfig):
             ]
             if quantize.include is not None or quantize.exclude:
                 differing.append("include/exclude (QAT covers the default layer selection)")
+            if quantize.overrides:
+                differing.append("overrides (QAT fake-quantizes one scheme)")
             if differing:
                 raise FieldError(
                     ("stages", i, "qat"),
                     f"stages[{i}].qat must fake-quantize exactly as the next quantize stage "
                     f"stores; differs in: {'; '.join(differing)}",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _search_has_what_it_needs(self) -> Recipe:
+        if self.search is None:
+            return self
+        last = self.stages[-1]
+        if not isinstance(last, QuantizeConfig) or len(self.stages) != 1:
+            raise FieldError(
+                ("stages",),
+                "search: the recipe needs exactly one stage, a quantize stage, whose method, "
+                "observer and gptq options build every candidate",
+            )
+        written = [name for name in ("include", "overrides") if getattr(last, name)]
+        if written or last.exclude:
+            raise FieldError(
+                ("stages", 0, (written or ["exclude"])[0]),
+                "search: the search chooses each layer's format (and which stay 16-bit), so "
+                "the quantize stage leaves include / exclude / overrides unset",
+            )
+        if self.eval.quality is None or self.gate.quality is None:
+            raise FieldError(
+                ("gate", "quality"),
+                "search: candidates are judged on held-out text, so the recipe needs "
+                "eval.quality and gate.quality budgets",
+            )
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,8 @@ def _tags(stages: list[dict[str, Any]]) -> list[str]:
             details = stage.get("details", {})
             scheme = details.get("scheme")
             tags += ["quantized"] + ([str(scheme)] if scheme else [])
+            if scheme == "mixed":
+                tags += ["mixed-precision", *details.get("schemes", {})]
         elif kind == "prune":
             tags.append("pruned")
         elif kind == "distill":

@@ -10,6 +10,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 PLOT_PREFIX = "report-"  # report-*.png beside the report, sealed with it and the verdict
@@ -227,3 +229,115 @@ def _sweep_figure(plt: Any, reports: list[dict[str, Any]], tasks: list[str]) -> 
             axis.set_title(task, fontsize=10)
             axis.grid(alpha=0.3)
         return _png(figure)
+
+
+# --------------------------------------------------------------------------- compress search
+
+SEARCH_PLOTS = (f"{PLOT_PREFIX}search-front.png", f"{PLOT_PREFIX}search-allocation.png")
+
+
+def write_search_plots(search: dict[str, Any], directory: Path) -> list[str]:
+    """Size against KL (the front as predicted, every candidate as measured with its upper
+    bound and verdict, the uniform formats, the budget and the shipped point) and the chosen
+    allocation as a heat map (decoder layer × projection group). Never raises."""
+    try:
+        plt = _pyplot()
+    except Exception as exc:
+        _not_drawn("search plots", exc)
+        return []
+    if plt is None:
+        return []
+    names = []
+    for name, draw in zip(SEARCH_PLOTS, (_draw_search_front, _draw_allocation), strict=True):
+        tmp = directory / f".{name}.tmp"
+        try:
+            if not draw(plt, search, tmp):
+                continue
+            tmp.replace(directory / name)
+        except Exception as exc:
+            _not_drawn(name, exc)
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            continue
+        names.append(name)
+    return names
+
+
+def _draw_search_front(plt: Any, search: dict[str, Any], path: Path) -> bool:
+    with _figure(plt, figsize=(7, 4.2), dpi=120) as (figure, axis):
+        front = search["front"]
+        axis.plot(
+            [p["bytes"] / 1e6 for p in front],
+            [p["predicted_kl"] for p in front],
+            color="#9e9e9e",
+            label="front (predicted: sum of per-group KL)",
+        )
+        for c in search["candidates"]:
+            color = COLORS["ship" if c["passed"] else "reject"]
+            upper = c["kl_upper"] if c["kl_upper"] is not None else c["kl"]
+            axis.errorbar(
+                c["bytes"] / 1e6,
+                c["kl"],
+                yerr=[[0.0], [max(0.0, upper - c["kl"])]],
+                fmt="o",
+                color=color,
+                capsize=3,
+            )
+        chosen = next((c for c in search["candidates"] if c["index"] == search["chosen"]), None)
+        if chosen is not None:
+            axis.scatter(
+                [chosen["bytes"] / 1e6],
+                [chosen["kl"]],
+                s=180,
+                facecolors="none",
+                edgecolors="black",
+                label="shipped candidate",
+            )
+        for fmt, size in search["uniform_bytes"].items():
+            if fmt != "keep":
+                axis.axvline(size / 1e6, color="#90caf9", linestyle=":", linewidth=1)
+                axis.text(
+                    size / 1e6, axis.get_ylim()[1], f" {fmt}", fontsize=7, va="top", rotation=90
+                )
+        budget = search.get("false_ships", {}).get("budget")
+        if budget is not None:
+            axis.axhline(
+                budget, color=COLORS["reject"], linestyle="--", linewidth=1, label="KL budget"
+            )
+        axis.set_yscale("log")
+        axis.set_xlabel("quantized layers (MB)")
+        axis.set_ylabel("KL(baseline ‖ candidate) per token")
+        axis.set_title("search: green passed, red failed (bar: upper bound)")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    return True
+
+
+def _draw_allocation(plt: Any, search: dict[str, Any], path: Path) -> bool:
+    allocation = search.get("allocation")
+    if not allocation:
+        return False
+    rows: dict[str, dict[str, str]] = {}
+    for group, fmt in allocation.items():
+        layer, _, column = group.rpartition(".")
+        rows.setdefault(layer, {})[column] = fmt
+    columns = sorted({c for row in rows.values() for c in row})
+    formats = list(search["formats"])
+    grid = [[formats.index(row[c]) if c in row else -1 for c in columns] for row in rows.values()]
+    with _figure(plt, figsize=(1.2 + 1.1 * len(columns), 1.0 + 0.22 * len(rows)), dpi=120) as (
+        figure,
+        axis,
+    ):
+        data = np.ma.masked_less(np.array(grid, dtype=float), 0)
+        image = axis.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=len(formats) - 1)
+        axis.set_xticks(range(len(columns)), columns, fontsize=8)
+        axis.set_yticks(range(len(rows)), [r.rpartition(".")[2] for r in rows], fontsize=6)
+        axis.set_ylabel("decoder layer")
+        bar = figure.colorbar(image, ticks=range(len(formats)))
+        bar.ax.set_yticklabels(formats, fontsize=7)
+        axis.set_title("chosen format per layer group", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    return True

@@ -37,6 +37,7 @@ numbers, only repeated.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,8 @@ from compress.quant.packing import pack_rows, unpack_zero_points
 OPSET = 17
 QKV = ("q_proj", "k_proj", "v_proj")
 MIN_BLOCK, MAX_BLOCK = 16, 128  # MatMulNBits: a power of two ≥ 16; MLAS is tuned up to 128
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,16 +208,24 @@ def check_exportable(model: nn.Module, options: ExportOptions) -> None:
     for i, layer in enumerate(decoder.layers):
         _check_layer(i, layer, layout, config)
         attention_spec(i, layer.self_attn, config, rope_by_type)
-    if options.quantized_only:
-        unquantized = [
-            name for name, module in decoder.layers.named_modules() if isinstance(module, nn.Linear)
-        ]
-        if unquantized:
-            raise ArtifactError(
-                f"the decoder has Linear layers that are not quantized (e.g. "
-                f"model.layers.{unquantized[0]}); the ONNX export writes quantized artifacts "
-                "made by `compress run` with a quantize stage"
-            )
+    float_layers = [
+        name for name, module in decoder.layers.named_modules() if isinstance(module, nn.Linear)
+    ]
+    quantized = any(isinstance(m, QuantLinear) for m in decoder.layers.modules())
+    if options.quantized_only and not quantized and float_layers:
+        raise ArtifactError(
+            f"the decoder has no quantized Linear layer (e.g. model.layers.{float_layers[0]} "
+            "is float); the ONNX export writes quantized artifacts made by `compress run` with "
+            "a quantize stage"
+        )
+    if quantized and float_layers:
+        # A mixed-precision artifact keeps some layers in 16 bits on purpose (`exclude`).
+        log.info(
+            "%d decoder Linear layers stay float in the export (kept unquantized by the "
+            "recipe), e.g. model.layers.%s",
+            len(float_layers),
+            float_layers[0],
+        )
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             layer_block_size(module, name)

@@ -44,7 +44,50 @@ class GPTQOptions(StrictConfig):
     )
 
 
-class QuantizeConfig(StrictConfig):
+def scheme_name(bits: int, group_size: int, symmetric: bool) -> str:
+    """Short human name, e.g. `int4-g64-asym` or `int8-channel-sym`."""
+    granularity = "channel" if group_size == PER_CHANNEL else f"g{group_size}"
+    return f"int{bits}-{granularity}-{'sym' if symmetric else 'asym'}"
+
+
+class Scheme(StrictConfig):
+    """How weights are stored: bits, group size and symmetry (a stage's own, or an override's).
+
+    `group_size` uses one vocabulary for every bit width: -1 means one scale (and zero point)
+    per output channel, a positive value means one per `group_size` consecutive input features.
+    """
+
+    bits: Bits = Field(..., description="bits per stored weight")
+    group_size: int = Field(
+        PER_CHANNEL, le=MAX_WIDTH, description="-1 = per output channel, else a positive group"
+    )
+    symmetric: bool = Field(True, description="False stores a zero point per group")
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, group_size: int, info: ValidationInfo) -> int:
+        # A field validator (not a model validator) so errors point at `...group_size`.
+        return check_group_size(group_size, info.data.get("bits"))
+
+    @property
+    def scheme(self) -> str:
+        """Short human name, e.g. `int4-g64-asym`."""
+        return scheme_name(self.bits, self.group_size, self.symmetric)
+
+
+class LayerScheme(Scheme):
+    """Another scheme for the layers `match` names: a mixed-precision artifact (what
+    `compress search` writes) holds several, each stored as its own compressed-tensors group."""
+
+    match: list[Text] = Field(
+        ...,
+        min_length=1,
+        description="glob patterns over the names of layers the stage selects (an experts "
+        "module as a whole); a layer two entries match is refused",
+    )
+
+
+class QuantizeConfig(Scheme):
     """Weight-only integer quantization of Linear layers and MoE experts.
 
     `group_size` uses one vocabulary for every bit width: -1 means one scale (and zero point)
@@ -55,11 +98,6 @@ class QuantizeConfig(StrictConfig):
     method: Literal["rtn", "gptq"] = Field(
         "rtn", description="rtn = round to nearest; gptq = error-compensating, needs calibration"
     )
-    bits: Bits = Field(..., description="bits per stored weight")
-    group_size: int = Field(
-        PER_CHANNEL, le=MAX_WIDTH, description="-1 = per output channel, else a positive group"
-    )
-    symmetric: bool = Field(True, description="False stores a zero point per group")
     observer: Literal["minmax", "mse"] = Field(
         "minmax",
         description="how each group's range is chosen: minmax = the weights' extremes; mse = "
@@ -74,6 +112,12 @@ class QuantizeConfig(StrictConfig):
         "routers stay in the source dtype)",
     )
     exclude: list[Text] = Field(default_factory=list, description="glob patterns to leave alone")
+    overrides: list[LayerScheme] = Field(
+        default_factory=list,
+        max_length=MAX_COUNT,
+        description="per-layer schemes in place of the stage's bits / group_size / symmetric "
+        "(mixed precision); layers no entry matches take the stage's own",
+    )
     gptq: GPTQOptions | None = Field(None, description="GPTQ settings (method gptq only)")
 
     @model_validator(mode="after")
@@ -89,15 +133,3 @@ class QuantizeConfig(StrictConfig):
     @property
     def gptq_options(self) -> GPTQOptions:
         return self.gptq or GPTQOptions()
-
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, group_size: int, info: ValidationInfo) -> int:
-        # A field validator (not a model validator) so errors point at `...group_size`.
-        return check_group_size(group_size, info.data.get("bits"))
-
-    @property
-    def scheme(self) -> str:
-        """Short human name, e.g. `int4-g64-asym` or `int8-channel-sym`."""
-        granularity = "channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
-        return f"int{self.bits}-{granularity}-{'sym' if self.symmetric else 'asym'}"

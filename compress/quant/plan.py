@@ -11,14 +11,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from compress.errors import PreflightError
 from compress.kernels import CUDA_GEMV_MAX_ROWS, mma_slice, mma_takes_shape
 from compress.models import decoder_layers_prefix
 from compress.quant import experts
-from compress.quant.config import PER_CHANNEL, QuantizeConfig
+from compress.quant.config import PER_CHANNEL, LayerScheme, QuantizeConfig
 from compress.quant.experts import QuantExperts
+from compress.quant.gptq import GPTQResult, gptq_quantize
 from compress.quant.linear import QuantLinear
 from compress.quant.primitives import QuantSpec, RangeSearch
 
@@ -28,12 +30,62 @@ log = logging.getLogger(__name__)
 _SUGGESTED_GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)
 
 
-def spec_of(config: QuantizeConfig) -> QuantSpec:
+def spec_of(config: QuantizeConfig | LayerScheme) -> QuantSpec:
+    """The stage's own scheme (or one override's) as the quantizer's type."""
     return QuantSpec(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+
+
+def module_specs(config: QuantizeConfig, selection: Selection) -> dict[str, QuantSpec]:
+    """Each selected Linear and experts module's scheme: the override whose `match` names it,
+    else the stage's own. Raises PreflightError, naming the override, when a pattern matches no
+    selected layer or two overrides match one layer."""
+    names = [*selection.linears, *selection.experts]
+    specs = dict.fromkeys(names, spec_of(config))
+    claimed: dict[str, int] = {}
+    for index, override in enumerate(config.overrides):
+        field = f"overrides.{index}.match"
+        unmatched = [p for p in override.match if not any(fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise PreflightError(
+                f"patterns match no layer this stage quantizes: {unmatched} (names look like "
+                f"{names[:3]})",
+                field=field,
+            )
+        for name in (n for n in names if _matches(n, override.match)):
+            if name in claimed:
+                raise PreflightError(
+                    f"{name} is matched by overrides {claimed[name]} and {index}: give each "
+                    "layer one scheme",
+                    field=field,
+                )
+            claimed[name] = index
+            specs[name] = spec_of(override)
+    return specs
 
 
 def range_search_of(config: QuantizeConfig) -> RangeSearch | None:
     return RangeSearch() if config.observer == "mse" else None
+
+
+def gptq_as_configured(
+    config: QuantizeConfig,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype,
+) -> GPTQResult:
+    """`gptq_quantize` with the stage's GPTQ options and observer."""
+    options = config.gptq_options
+    return gptq_quantize(
+        weight,
+        hessian,
+        spec,
+        scale_dtype,
+        block_size=options.block_size,
+        damp_percent=options.damp_percent,
+        act_order=options.act_order,
+        search=range_search_of(config),
+    )
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -234,48 +286,65 @@ def preflight(model: nn.Module, config: QuantizeConfig) -> None:
                 f"method gptq calibrates Linear layers inside the decoder layers ({prefix}*); "
                 f"{outside} are outside: quantize them in a separate `method: rtn` stage"
             )
-    by_k: dict[int, list[str]] = defaultdict(list)
-    for name, layer in layers.items():
-        by_k[layer.in_features].append(name)
+    specs = module_specs(config, selection)
+    # (module, what errors call the matrix, in_features) of every matrix to quantize
+    matrices = [(name, name, layer.in_features) for name, layer in layers.items()]
     for name, module in selection.experts.items():
-        for param, (_experts, _rows, in_features) in experts.matrix_shapes(module).items():
-            by_k[in_features].append(f"{name}.{param}")
-    unpackable = {k: names for k, names in by_k.items() if (k * config.bits) % 32}
+        for param, (_experts, _rows, k) in experts.matrix_shapes(module).items():
+            matrices.append((name, f"{name}.{param}", k))
+    # Check each scheme over the layers that take it; errors name the setting that chose it.
+    by_scheme: dict[QuantSpec, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for module, label, k in matrices:
+        by_scheme[specs[module]][k].append(label)
+    for spec, by_k in by_scheme.items():
+        _check_scheme(spec, by_k, _field_prefix(config, spec))
+
+
+def _field_prefix(config: QuantizeConfig, spec: QuantSpec) -> str:
+    """`` for the stage's own scheme, `overrides.<i>.` for the first override that sets it."""
+    if spec == spec_of(config):
+        return ""
+    index = next(i for i, o in enumerate(config.overrides) if spec_of(o) == spec)
+    return f"overrides.{index}."
+
+
+def _check_scheme(spec: QuantSpec, by_k: dict[int, list[str]], prefix: str) -> None:
+    unpackable = {k: names for k, names in by_k.items() if (k * spec.bits) % 32}
     if unpackable:
         raise PreflightError(
             _describe_layers(
-                f"in_features not a multiple of {32 // config.bits} cannot be packed at "
-                f"{config.bits} bits",
+                f"in_features not a multiple of {32 // spec.bits} cannot be packed at "
+                f"{spec.bits} bits",
                 unpackable,
             ),
-            field="bits",
+            field=f"{prefix}bits",
         )
-    if config.group_size != PER_CHANNEL:
-        bad = {k: names for k, names in by_k.items() if k % config.group_size}
+    if spec.group_size != PER_CHANNEL:
+        bad = {k: names for k, names in by_k.items() if k % spec.group_size}
         if bad:
-            workable = [*_workable_group_sizes(set(by_k), config.bits), PER_CHANNEL]
-            fast = [g for g in workable if not _off_tensor_cores(by_k, config.bits, g)]
+            workable = [*_workable_group_sizes(set(by_k), spec.bits), PER_CHANNEL]
+            fast = [g for g in workable if not _off_tensor_cores(by_k, spec.bits, g)]
             raise PreflightError(
-                _describe_layers(f"group_size {config.group_size} does not divide in_features", bad)
+                _describe_layers(f"group_size {spec.group_size} does not divide in_features", bad)
                 + f"\n  group sizes that divide every selected layer: {workable} (-1 = per channel)"
                 + f"; of these, CUDA's tensor-core kernel takes every layer at {fast or 'none'}",
-                field="group_size",
+                field=f"{prefix}group_size",
             )
-    _warn_off_tensor_cores(by_k, config)
+    _warn_off_tensor_cores(by_k, spec)
 
 
-def _warn_off_tensor_cores(by_k: dict[int, list[str]], config: QuantizeConfig) -> None:
+def _warn_off_tensor_cores(by_k: dict[int, list[str]], spec: QuantSpec) -> None:
     """Say before the long work, not at deployment, which layers CUDA will not run on the tensor
     cores: the artifact is valid, but those layers decode on slower paths."""
-    off = _off_tensor_cores(by_k, config.bits, config.group_size)
+    off = _off_tensor_cores(by_k, spec.bits, spec.group_size)
     if off:
-        slice_k = mma_slice(config.bits)
+        slice_k = mma_slice(spec.bits)
         log.warning(
             "%s\n  on CUDA these run on the CUDA-core GEMV up to %d rows and dequantize + cuBLAS "
             "above, not on the tensor cores",
             _describe_layers(
                 f"in_features and group size must be multiples of {slice_k} for CUDA's "
-                f"tensor-core kernel at {config.bits} bits (group_size {config.group_size})",
+                f"tensor-core kernel at {spec.bits} bits (group_size {spec.group_size})",
                 off,
             ),
             CUDA_GEMV_MAX_ROWS,

@@ -4,6 +4,7 @@ QuantLinear and QuantExperts, and report the share of the decoder's weights now 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from compress.errors import PreflightError
 from compress.models import DTYPES, replace_module
-from compress.quant.config import QuantizeConfig
+from compress.quant.config import QuantizeConfig, scheme_name
 from compress.quant.experts import (
     ExpertsCalibration,
     QuantExperts,
@@ -20,16 +21,17 @@ from compress.quant.experts import (
     quantize_experts_gptq,
     quantize_experts_rtn,
 )
-from compress.quant.gptq import GPTQResult, accumulate_hessian, gptq_quantize
+from compress.quant.gptq import GPTQResult, accumulate_hessian
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
 from compress.quant.plan import (
     Selection,
     decoder_weights,
+    gptq_as_configured,
+    module_specs,
     preflight,
     range_search_of,
     select_targets,
-    spec_of,
 )
 from compress.quant.primitives import QuantSpec
 from compress.quant.rtn import rtn_quantize
@@ -43,18 +45,20 @@ def _quantize_rtn(
     model: nn.Module,
     selection: Selection,
     config: QuantizeConfig,
-    spec: QuantSpec,
+    specs: dict[str, QuantSpec],
     scale_dtype: torch.dtype,
 ) -> dict[str, float]:
     search = range_search_of(config)
     for name, layer in tqdm(selection.linears.items(), desc="quantize (rtn)", unit="layer"):
-        packed = rtn_quantize(layer.weight.detach(), spec, scale_dtype, search=search)
-        replace_module(model, name, _quant_linear(layer, packed, spec))
-
-    def rtn(_name: str, weight: torch.Tensor) -> PackedWeight:
-        return rtn_quantize(weight, spec, scale_dtype, search=search)
+        packed = rtn_quantize(layer.weight.detach(), specs[name], scale_dtype, search=search)
+        replace_module(model, name, _quant_linear(layer, packed, specs[name]))
 
     for name, module in tqdm(selection.experts.items(), desc="quantize experts", unit="layer"):
+        spec = specs[name]
+
+        def rtn(_key: str, weight: torch.Tensor, spec: QuantSpec = spec) -> PackedWeight:
+            return rtn_quantize(weight, spec, scale_dtype, search=search)
+
         replace_module(model, name, quantize_experts_rtn(module, spec, rtn))
     return {}
 
@@ -63,7 +67,7 @@ def _quantize_gptq(
     model: nn.Module,
     selection: Selection,
     config: QuantizeConfig,
-    spec: QuantSpec,
+    specs: dict[str, QuantSpec],
     scale_dtype: torch.dtype,
     context: StageContext,
 ) -> dict[str, float]:
@@ -75,18 +79,11 @@ def _quantize_gptq(
     errors: list[float] = []
     raised_damp = dead = 0
 
-    def run_gptq(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> GPTQResult:
+    def run_gptq(
+        name: str, weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec
+    ) -> GPTQResult:
         nonlocal raised_damp, dead
-        result = gptq_quantize(
-            weight,
-            hessian,
-            spec,
-            scale_dtype,
-            block_size=options.block_size,
-            damp_percent=options.damp_percent,
-            act_order=options.act_order,
-            search=search,
-        )
+        result = gptq_as_configured(config, weight, hessian, spec, scale_dtype)
         errors.append(result.error)
         raised_damp += result.damp > options.damp_percent
         dead += result.dead_columns
@@ -94,17 +91,20 @@ def _quantize_gptq(
         return result
 
     def quantize(name: str, layer: nn.Linear, hessian: torch.Tensor, _rows: int) -> nn.Module:
-        return _quant_linear(layer, run_gptq(name, layer.weight.detach(), hessian).packed, spec)
+        spec = specs[name]
+        packed = run_gptq(name, layer.weight.detach(), hessian, spec).packed
+        return _quant_linear(layer, packed, spec)
 
     calibrations: dict[str, ExpertsCalibration] = {}
 
     def quantize_experts(name: str, module: nn.Module, routed: list[RoutedBatch]) -> nn.Module:
+        spec = specs[name]
         quantized, calibrations[name] = quantize_experts_gptq(
             module,
             routed,
             spec,
             accumulate=accumulate_hessian,
-            gptq=lambda key, w, h, _rows: run_gptq(f"{name}.{key}", w, h).packed,
+            gptq=lambda key, w, h, _rows: run_gptq(f"{name}.{key}", w, h, spec).packed,
             rtn=lambda _key, w: rtn_quantize(w, spec, scale_dtype, search=search),
             min_tokens_per_feature=options.expert_min_tokens_per_feature,
         )
@@ -213,26 +213,39 @@ def _weight_shares(before: dict, after: dict) -> dict[str, float]:
     }
 
 
+def _scheme_counts(specs: dict[str, QuantSpec]) -> dict[str, int]:
+    """{scheme name: modules quantized to it}, most used first."""
+    counts = Counter(scheme_name(s.bits, s.group_size, s.symmetric) for s in specs.values())
+    return dict(counts.most_common())
+
+
+def _describe_schemes(counts: dict[str, int]) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return "mixed (" + ", ".join(f"{n} × {scheme}" for scheme, n in counts.items()) + ")"
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 @register_stage(QuantizeConfig, preflight=preflight)
 def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageContext) -> StageResult:
-    spec = spec_of(config)
     scale_dtype = DTYPES[context.dtype]
     selection = select_targets(model, config)
+    specs = module_specs(config, selection)
     layers = selection.linears
     names = [*layers, *selection.experts]
     bytes_before = sum(_param_bytes(model.get_submodule(name)) for name in names)
     before = decoder_weights(model)
     if config.method == "gptq":
-        extra = _quantize_gptq(model, selection, config, spec, scale_dtype, context)
+        extra = _quantize_gptq(model, selection, config, specs, scale_dtype, context)
     else:
-        extra = _quantize_rtn(model, selection, config, spec, scale_dtype)
+        extra = _quantize_rtn(model, selection, config, specs, scale_dtype)
     tied_table = _share_quantized_head_with_embeddings(model, layers)
     bytes_after = sum(model.get_submodule(name).stored_bytes() for name in names)
     shares = _weight_shares(before, decoder_weights(model))
+    schemes = _scheme_counts(specs)
     experts_part = (
         f" and {len(selection.experts)} experts modules "
         f"({sum(m.num_experts for m in _quant_experts(model, selection))} experts)"
@@ -244,18 +257,19 @@ def quantize_model(model: nn.Module, config: QuantizeConfig, context: StageConte
         "weight matrices are quantized",
         len(layers),
         experts_part,
-        config.scheme,
+        _describe_schemes(schemes),
         config.method,
         bytes_before / 1e6,
         bytes_after / 1e6,
         100 * shares["quantized_weight_share"],
     )
     return StageResult(
-        summary=f"{len(layers)} Linear layers{experts_part} → {config.scheme} "
+        summary=f"{len(layers)} Linear layers{experts_part} → {_describe_schemes(schemes)} "
         f"({config.method}, {config.observer} ranges); "
         f"{100 * shares['quantized_weight_share']:.1f}% of decoder weights quantized",
         details={
-            "scheme": config.scheme,
+            "scheme": next(iter(schemes)) if len(schemes) == 1 else "mixed",
+            "schemes": schemes,
             "method": config.method,
             "observer": config.observer,
             "layers": len(layers),

@@ -15,12 +15,14 @@ format, so it is left out: costs compare formats, they do not size the file.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
-from compress.quant.config import PER_CHANNEL
+from compress.quant.config import PER_CHANNEL, check_group_size, scheme_name
 
 WEIGHT_SHAPE_BYTES = 2 * 8  # int64 (2,)
 KEEP = "keep"
+_NAME = re.compile(r"int([48])-(channel|g[1-9][0-9]*)-(sym|asym)")
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,26 @@ class Format:
 
     @property
     def name(self) -> str:
+        """The quantize stage's scheme name (`int4-g64-asym`, `int8-channel-sym`), or `keep`."""
         if self.bits == 16:
             return KEEP
-        group = "pc" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
-        return f"int{self.bits}-{group}-{'sym' if self.symmetric else 'asym'}"
+        return scheme_name(self.bits, self.group_size, self.symmetric)
+
+    @classmethod
+    def parse(cls, name: str) -> Format:
+        """The format a `name` names; ValueError saying what names look like otherwise."""
+        if name == KEEP:
+            return KEEP_16
+        match = _NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(
+                f"{name!r} is not a format: write `int<4|8>-g<group>-<sym|asym>`, "
+                "`int<4|8>-channel-<sym|asym>` or `keep`"
+            )
+        bits, group, kind = match.groups()
+        group_size = PER_CHANNEL if group == "channel" else int(group.removeprefix("g"))
+        check_group_size(group_size, int(bits))
+        return cls(int(bits), group_size, kind == "sym")
 
 
 KEEP_16 = Format(bits=16)

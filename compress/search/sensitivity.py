@@ -11,13 +11,25 @@ routers are not; experts modules are not measured yet).
 - **Proxy**: the Hessian-weighted error GPTQ minimizes, tr(ΔW H ΔWᵀ) with H = mean xxᵀ of the
   layer's inputs on the same windows, summed over the group's layers. One forward pass in all;
   how well it ranks (group, format) pairs against the measured KL is `rank_correlation`.
+- **Anchored**: one measured format per group (its coarsest, where KL is largest and so best
+  resolved), the others scaled by the proxy's ratio within the group. Across groups the proxy
+  misses how much later layers amplify an error (ρ ≈ 0.86 on the demo model); within a group
+  the amplification is the same for every format, and the ratio is within 0.8–1.35× of the
+  measured one there (benchmarks/search.py). One forward pass per group instead of per format.
+
+Measure in float32. In bfloat16 any change to a weight reshuffles the rounding of every later
+activation, so each group's KL carries a floor of rounding noise (≈ 1e-3 nats on the demo model,
+the KL INT8 per channel shows in bf16, against 2e-5 in float32) that does not add up: summed over
+120 groups the floor alone predicts 0.12. In float32 the per-group KLs add up to within 10 % of
+the KL measured with every group changed at once (benchmarks/search.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +39,10 @@ from tqdm.auto import tqdm
 
 from compress.evaluate.quality import baseline_logprobs, measure_quality
 from compress.quant.config import QuantizeConfig
-from compress.quant.plan import select_targets
+from compress.quant.linear import QuantLinear
+from compress.quant.plan import gptq_as_configured, range_search_of, select_targets
 from compress.quant.primitives import QuantSpec, fake_quantize
+from compress.quant.rtn import rtn_quantize
 from compress.search.candidates import Format, fits
 
 log = logging.getLogger(__name__)
@@ -41,10 +55,23 @@ COUPLED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class LayerGroup:
     name: str
     layers: tuple[str, ...]
+    output: bool = False  # the output layer (outside the decoder: quantized by its own stage)
 
 
-def layer_groups(model: nn.Module) -> list[LayerGroup]:
-    """The decoder's Linear layers in groups (module docstring), in model order."""
+def head_group(model: nn.Module) -> LayerGroup | None:
+    """The output layer as a group of its own, when it is a float Linear (with tied embeddings
+    it holds the one table both ends use)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if not isinstance(head, nn.Linear):
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    return LayerGroup(name, (name,), output=True)
+
+
+def layer_groups(model: nn.Module, *, head: bool = False) -> list[LayerGroup]:
+    """The decoder's Linear layers in groups (module docstring), in model order; with `head`,
+    the output layer last (`head_group`)."""
     # The quantize stage's own default selection: decoder Linears, MoE routers left out.
     linears = list(select_targets(model, QuantizeConfig(bits=8)).linears)
     present = set(linears)
@@ -61,7 +88,8 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
         taken.update(members)
         label = "_".join(s.removesuffix("_proj") for s in siblings) if len(members) > 1 else leaf
         groups.append(LayerGroup(f"{parent}.{label}", members))
-    return groups
+    output = head_group(model) if head else None
+    return groups if output is None else [*groups, output]
 
 
 def group_formats(model: nn.Module, group: LayerGroup, formats: Sequence[Format]) -> list[Format]:
@@ -74,8 +102,39 @@ def _spec(fmt: Format) -> QuantSpec:
     return QuantSpec(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric)
 
 
+# (layer name, weight, format) → the weight the stored layer computes with (float32)
+Rounder = Callable[[str, torch.Tensor, Format], torch.Tensor]
+
+
+def round_to_nearest(_name: str, weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    return fake_quantize(weight, _spec(fmt), weight.dtype)
+
+
+def stage_rounder(
+    config: QuantizeConfig, scale_dtype: torch.dtype, hessians: Callable[[str], torch.Tensor]
+) -> Rounder:
+    """Rounds as the quantize stage `config` would store the layer: its method (round to
+    nearest, or GPTQ with its options on the layer's input Hessian, `hessians(layer)`) and its
+    observer, scales in `scale_dtype`. GPTQ here sees the unquantized model's inputs (only one
+    group changes at a time), where the stage's sequential pass sees earlier layers quantized."""
+    search = range_search_of(config)
+
+    def rounded(name: str, weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+        spec = _spec(fmt)
+        if config.method == "gptq":
+            packed = gptq_as_configured(config, weight, hessians(name), spec, scale_dtype).packed
+        else:
+            packed = rtn_quantize(weight, spec, scale_dtype, search=search)
+        layer = QuantLinear.from_packed(packed, spec, None, scale_dtype)
+        return layer.dequantized_weight().float()
+
+    return rounded
+
+
 @contextlib.contextmanager
-def fake_quantized(model: nn.Module, layers: Sequence[str], fmt: Format) -> Iterator[None]:
+def fake_quantized(
+    model: nn.Module, layers: Sequence[str], fmt: Format, rounder: Rounder = round_to_nearest
+) -> Iterator[None]:
     """The layers compute with their weights rounded to `fmt`; restored exactly on exit."""
     if fmt.bits == 16:
         yield
@@ -86,7 +145,7 @@ def fake_quantized(model: nn.Module, layers: Sequence[str], fmt: Format) -> Iter
             for name in layers:
                 weight = model.get_submodule(name).weight
                 saved[name] = weight.detach().clone()
-                rounded = fake_quantize(weight.detach(), _spec(fmt), weight.dtype)
+                rounded = rounder(name, weight.detach(), fmt)
                 weight.copy_(rounded.to(weight.dtype))
         yield
     finally:
@@ -102,6 +161,7 @@ def measured_sensitivity(
     windows: torch.Tensor,
     *,
     batch_size: int = 1,
+    rounder: Rounder = round_to_nearest,
 ) -> dict[str, dict[str, float]]:
     """{group: {format name: KL(baseline ‖ model with only that group in that format)}}, for
     the formats that fit every layer of the group."""
@@ -112,7 +172,7 @@ def measured_sensitivity(
         if fmt.bits == 16:
             table[group.name][fmt.name] = 0.0
             continue
-        with fake_quantized(model, group.layers, fmt):
+        with fake_quantized(model, group.layers, fmt, rounder):
             table[group.name][fmt.name] = measure_quality(model, windows, baseline).kl_divergence
     return table
 
@@ -144,14 +204,33 @@ def input_hessians(
     return {name: sums[name] / counts[name] for name in layers}
 
 
+def group_hessians(
+    model: nn.Module, groups: Sequence[LayerGroup], windows: torch.Tensor, *, batch_size: int = 1
+) -> Callable[[str], torch.Tensor]:
+    """layer → its input Hessian, computed once per group (a group's layers read one input)."""
+    by_group = input_hessians(model, [g.layers[0] for g in groups], windows, batch_size=batch_size)
+    of_layer = {name: by_group[g.layers[0]] for g in groups for name in g.layers}
+    return of_layer.__getitem__
+
+
+Table = dict[str, dict[str, float]]  # {group: {format name: value}}
+
+
+def _weighted_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ), ΔW = rounded − weight."""
+    delta = rounded.float() - weight.float()
+    return float(((delta @ hessian) * delta).sum())
+
+
 def proxy_sensitivity(
     model: nn.Module,
     groups: Sequence[LayerGroup],
     formats: Sequence[Format],
-    hessians: dict[str, torch.Tensor],
+    hessians: Callable[[str], torch.Tensor],
+    rounder: Rounder = round_to_nearest,
 ) -> dict[str, dict[str, float]]:
-    """{group: {format name: Σ over its layers of tr(ΔW H ΔWᵀ)}}, ΔW the rounding error, for
-    the formats that fit every layer of the group."""
+    """{group: {format name: Σ over its layers of tr(ΔW H ΔWᵀ)}}, ΔW the rounding error and
+    `hessians(layer)` its input Hessian, for the formats that fit every layer of the group."""
     table: dict[str, dict[str, float]] = {}
     for group in groups:
         table[group.name] = {}
@@ -160,13 +239,9 @@ def proxy_sensitivity(
             if fmt.bits != 16:
                 for name in group.layers:
                     weight = model.get_submodule(name).weight.detach()
-                    delta = fake_quantize(weight, _spec(fmt), weight.dtype) - weight.float()
-                    total += float(((delta @ hessians[name]) * delta).sum())
+                    total += _weighted_error(weight, rounder(name, weight, fmt), hessians(name))
             table[group.name][fmt.name] = total
     return table
-
-
-Table = dict[str, dict[str, float]]  # {group: {format name: value}}
 
 
 def rank_correlation(measured: Table, proxy: Table) -> float:
@@ -194,3 +269,55 @@ def _ranks(values: np.ndarray) -> np.ndarray:
         tied = values == value
         ranks[tied] = ranks[tied].mean()
     return ranks
+
+
+def anchored_sensitivity(
+    model: nn.Module,
+    groups: Sequence[LayerGroup],
+    formats: Sequence[Format],
+    windows: torch.Tensor,
+    hessians: Callable[[str], torch.Tensor],
+    *,
+    batch_size: int = 1,
+    rounder: Rounder = round_to_nearest,
+) -> tuple[Table, Table, dict[str, str]]:
+    """(KL table, proxy table, {group: the format measured}): per group, every integer format
+    rounded once (its proxy error); the coarsest (largest error) measured with those same
+    rounded weights, the others that error's share of its KL (module docstring)."""
+    baseline = baseline_logprobs(model, windows, batch_size=batch_size)
+    table: Table = {}
+    proxy: Table = {}
+    anchors: dict[str, str] = {}
+    for group in tqdm(groups, desc="sensitivity", unit="group", disable=None):
+        fitting = group_formats(model, group, formats)
+        table[group.name] = {f.name: 0.0 for f in fitting if f.bits == 16}
+        proxy[group.name] = dict(table[group.name])
+        anchor: tuple[Format, dict[str, torch.Tensor]] | None = None
+        for fmt in (f for f in fitting if f.bits != 16):
+            rounded = {}
+            for name in group.layers:
+                weight = model.get_submodule(name).weight.detach()
+                rounded[name] = rounder(name, weight, fmt)
+            proxy[group.name][fmt.name] = sum(
+                _weighted_error(model.get_submodule(n).weight.detach(), w, hessians(n))
+                for n, w in rounded.items()
+            )
+            if anchor is None or proxy[group.name][fmt.name] > proxy[group.name][anchor[0].name]:
+                anchor = (fmt, rounded)  # only the coarsest so far is kept
+        if anchor is None:
+            continue
+        fmt, rounded = anchor
+        anchors[group.name] = fmt.name
+        with fake_quantized(model, group.layers, fmt, lambda n, _w, _f, r=rounded: r[n]):
+            measured = measure_quality(model, windows, baseline).kl_divergence
+        errors = proxy[group.name]
+        for name in errors:
+            share = errors[name] / errors[fmt.name] if errors[fmt.name] > 0 else 0.0
+            table[group.name][name] = measured * share
+    return table, proxy, anchors
+
+
+def float32_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of `model` (module docstring: why). `nn.Module.to` itself, because
+    transformers refuses `.float()` on models it loaded from packed (GGUF) weights."""
+    return nn.Module.to(deepcopy(model), torch.float32)

@@ -58,10 +58,10 @@ def test_a_kept_layer_costs_its_16_bit_weights():
 
 def test_formats_a_shape_cannot_take_are_left_out():
     names = [f.name for f in candidate_formats(576)]  # 576 = 9 × 64: no group of 128
-    assert names == ["int4-g32-asym", "int4-g64-asym", "int8-pc-sym", "keep"]
+    assert names == ["int4-g32-asym", "int4-g64-asym", "int8-channel-sym", "keep"]
     with pytest.raises(ValueError, match="does not fit"):
         storage_bytes(Format(4, 128, False), 8, 576)
-    assert Format(8, PER_CHANNEL).name == "int8-pc-sym"
+    assert Format(8, PER_CHANNEL).name == "int8-channel-sym"
 
 
 # --------------------------------------------------------------------------- the front

@@ -8,16 +8,21 @@ import copy
 import pytest
 import torch
 
-from compress.quant.config import PER_CHANNEL
+from compress.quant.config import PER_CHANNEL, GPTQOptions, QuantizeConfig
 from compress.quant.primitives import QuantSpec, fake_quantize
 from compress.search.candidates import KEEP_16, Format
 from compress.search.sensitivity import (
+    anchored_sensitivity,
     fake_quantized,
+    float32_copy,
+    group_hessians,
     input_hessians,
     layer_groups,
     measured_sensitivity,
     proxy_sensitivity,
     rank_correlation,
+    round_to_nearest,
+    stage_rounder,
 )
 from tests.families import tiny_family_model
 
@@ -38,7 +43,9 @@ def tables(llama):
     groups = layer_groups(llama)
     measured = measured_sensitivity(llama, groups, FORMATS, WINDOWS, batch_size=2)
     layers = [name for group in groups for name in group.layers]
-    proxy = proxy_sensitivity(llama, groups, FORMATS, input_hessians(llama, layers, WINDOWS))
+    proxy = proxy_sensitivity(
+        llama, groups, FORMATS, input_hessians(llama, layers, WINDOWS).__getitem__
+    )
     return groups, measured, proxy
 
 
@@ -124,3 +131,73 @@ def test_rank_correlation_of_known_orders():
     assert 0.9 < rank_correlation(a, tied) < 1.0
     with pytest.raises(ValueError, match="at least 3 pairs"):
         rank_correlation({"g": {"x": 1.0}}, {"g": {"x": 1.0}})
+
+
+def test_anchored_sensitivity_measures_the_coarsest_format_and_scales_the_rest(llama, tables):
+    groups, measured, _ = tables
+    formats = (INT4, Format(4, 64, False), INT8, KEEP_16)
+    full_proxy = proxy_sensitivity(
+        llama,
+        groups,
+        formats,
+        input_hessians(llama, [n for g in groups for n in g.layers], WINDOWS).__getitem__,
+    )
+    anchored, proxy, anchors = anchored_sensitivity(
+        llama,
+        groups,
+        formats,
+        WINDOWS,
+        input_hessians(llama, [n for g in groups for n in g.layers], WINDOWS).__getitem__,
+        batch_size=2,
+    )
+    for name, row in full_proxy.items():
+        assert proxy[name] == pytest.approx(row)
+    for group in groups:
+        errors = full_proxy[group.name]
+        anchor = anchors[group.name]
+        assert anchor == max((f for f in errors if f != "keep"), key=errors.get)
+        row = anchored[group.name]
+        assert row["keep"] == 0.0
+        for name, value in row.items():
+            if name != "keep":
+                assert value == pytest.approx(row[anchor] * errors[name] / errors[anchor])
+        # int4 g32 is measured directly in `tables`: the anchored value scales a measured KL,
+        # so it agrees in magnitude (the within-group proxy ratio is not exact).
+        assert 0.2 < row[INT4.name] / measured[group.name][INT4.name] < 5
+
+
+def test_the_float32_copy_leaves_the_model_alone():
+    model = tiny_family_model("llama", VOCAB).to(torch.bfloat16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    copied = float32_copy(model)
+    assert {p.dtype for p in copied.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, param in copied.named_parameters():
+        assert torch.equal(param.to(torch.bfloat16), before[name])
+
+
+def test_group_hessians_are_each_layers_own_input_hessian(llama):
+    groups = layer_groups(llama)
+    lookup = group_hessians(llama, groups, WINDOWS, batch_size=2)
+    layers = [n for g in groups for n in g.layers]
+    direct = input_hessians(llama, layers, WINDOWS, batch_size=2)
+    for name in layers:
+        torch.testing.assert_close(lookup(name), direct[name])
+
+
+def test_the_stage_rounder_rounds_as_the_stage_stores(llama):
+    groups = layer_groups(llama)
+    hessians = group_hessians(llama, groups, WINDOWS)
+    rtn = stage_rounder(QuantizeConfig(bits=4), torch.float32, hessians)
+    weight = llama.get_submodule(groups[0].layers[0]).weight.detach()
+    assert torch.equal(rtn("x", weight, INT4), round_to_nearest("x", weight, INT4))
+    gptq = stage_rounder(
+        QuantizeConfig(method="gptq", bits=4, gptq=GPTQOptions(act_order=True)),
+        torch.float32,
+        hessians,
+    )
+    # GPTQ minimizes the Hessian-weighted error that the proxy measures.
+    rtn_proxy = proxy_sensitivity(llama, groups, (INT4,), hessians, rtn)
+    gptq_proxy = proxy_sensitivity(llama, groups, (INT4,), hessians, gptq)
+    for group in groups:
+        assert gptq_proxy[group.name][INT4.name] < rtn_proxy[group.name][INT4.name]
