@@ -4,7 +4,8 @@ The default implementation is pure PyTorch (unpack → dequantize in the activat
 matmul) and runs on every device. A faster implementation for a device registers against the
 same op for its dispatch key (CPU and CUDA below), so callers never choose kernels by
 hardware. On CPU, INT4 (groups 32–256) and symmetric INT8
-per-channel layers run through torch's packed CPU matmuls (`_dequant_matmul_cpu`; the named
+per-channel layers run through torch's packed CPU matmuls up to a few hundred tokens per call,
+where those are faster, and dequantize → GEMM above (`_dequant_matmul_cpu`; the named
 choice `cpu_kernel("reference")` or COMPRESS_CPU_KERNEL=reference keeps the default path,
 whose outputs are bit-identical to dequantize → F.linear). The CUDA kernel calls the
 compiled `cuda_ext/` ops (compress/cuda_ops.py), picked by `cuda_path`: a tensor-core GEMM
@@ -369,6 +370,13 @@ def cpu_kernel(name: str) -> Iterator[None]:
         _cpu_kernel = previous
 
 
+# Rows (tokens per call) up to which torch's packed CPU matmuls beat dequantize → linear; above,
+# the weight is dequantized once per call and multiplied by the dense GEMM, which is at least as
+# fast from here on and near the dense layer's own speed (prefill and scoring: lm-eval's
+# loglikelihood requests are prefill). Measured per bit width on the demo model's shapes
+# (benchmarks/cpu_matmul.py --rows, AVX-512 EPYC, 2 threads, bf16): at 512 rows the packed INT4
+# path takes 2.0× the dense bf16 time and dequantize → linear 1.09×.
+CPU_PACKED_MAX_ROWS = {4: 128, 8: 64}
 # Group sizes torch's int4 CPU matmul takes, and the multiple its repacking needs of N.
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 CPU_INT4_ROWS_MULTIPLE = 16
@@ -415,12 +423,18 @@ def _dequant_matmul_cpu(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """torch's packed CPU matmuls where they apply (the weight is repacked on first use and
-    kept with it), the default path elsewhere. Same result as the default within the
-    activation dtype's rounding (tests/kernels/test_dequant_matmul_cpu.py)."""
+    """torch's packed CPU matmuls where they apply and are the faster (up to
+    `CPU_PACKED_MAX_ROWS` rows; the weight is repacked on first use and kept with it), the
+    default path elsewhere. Same result as the default within the activation dtype's rounding
+    (tests/kernels/test_dequant_matmul_cpu.py)."""
     args = (x, weight_packed, scale, zero_point, bits, group_size, in_features)
     states = (_state(weight_packed), _state(scale), x.dtype)
-    packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and x.numel() > 0
+    rows = x.numel() // in_features if in_features > 0 else 0
+    packed_ok = (
+        _cpu_kernel == "packed"
+        and x.dtype in CPU_DTYPES
+        and 0 < rows <= CPU_PACKED_MAX_ROWS.get(bits, 0)
+    )
     int4_ok = (
         group_size in CPU_INT4_GROUPS
         and weight_packed.ndim == 2

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compress.kernels import cpu_int4_operands, cpu_kernel
+from compress.kernels import CPU_PACKED_MAX_ROWS, cpu_int4_operands, cpu_kernel
 from compress.quant.config import PER_CHANNEL
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
@@ -117,6 +117,23 @@ def test_int4_rows_torch_cannot_repack_take_the_default_path(out_features):
     with cpu_kernel("reference"):
         expected = OP(*op_args(x, packed, spec, 64))
     assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_many_rows_take_dequantize_then_gemm(bits):
+    """Prefill-sized calls (more rows than CPU_PACKED_MAX_ROWS) dequantize once and run the
+    dense GEMM, the faster there; few rows take torch's packed kernel (its operands cached on
+    the weight)."""
+    spec = QuantSpec(bits, 32 if bits == 4 else -1, bits == 8)
+    gen = torch.Generator().manual_seed(0)
+    packed = rtn_quantize(torch.randn(64, 64, generator=gen), spec, torch.bfloat16)
+    many = torch.randn(CPU_PACKED_MAX_ROWS[bits] + 1, 64, generator=gen).to(torch.bfloat16)
+    y = OP(*op_args(many, packed, spec, 64))
+    with cpu_kernel("reference"):
+        assert torch.equal(y, OP(*op_args(many, packed, spec, 64)))
+    assert not hasattr(packed.weight_packed, "_compress_operands")
+    OP(*op_args(many[:2], packed, spec, 64))
+    assert hasattr(packed.weight_packed, "_compress_operands")
 
 
 def test_reference_check_catches_a_wrong_zero_point():
