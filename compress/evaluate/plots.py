@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -315,15 +316,22 @@ def _draw_search_front(plt: Any, search: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def layer_and_column(group: str) -> tuple[str, str]:
+    """`model.layers.3.self_attn.q_k_v` → (`model.layers.3`, `q_k_v`); a group outside the
+    decoder layers (`lm_head`) → (itself, `format`)."""
+    match = re.fullmatch(r"(.*\.layers\.\d+)\..*?([^.]+)", group)
+    return (match.group(1), match.group(2)) if match else (group, "format")
+
+
 def _draw_allocation(plt: Any, search: dict[str, Any], path: Path) -> bool:
     allocation = search.get("allocation")
     if not allocation:
         return False
     rows: dict[str, dict[str, str]] = {}
     for group, fmt in allocation.items():
-        layer, _, column = group.rpartition(".")
+        layer, column = layer_and_column(group)
         rows.setdefault(layer, {})[column] = fmt
-    columns = sorted({c for row in rows.values() for c in row})
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
     formats = list(search["formats"])
     grid = [[formats.index(row[c]) if c in row else -1 for c in columns] for row in rows.values()]
     with _figure(plt, figsize=(1.2 + 1.1 * len(columns), 1.0 + 0.22 * len(rows)), dpi=120) as (

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from compress.evaluate.gate import GateDecision
-from compress.evaluate.plots import loss_curve_name
+from compress.evaluate.plots import layer_and_column, loss_curve_name
 
 
 def build_report(
@@ -304,6 +304,15 @@ def search_lines(search: dict[str, Any], plots: list[str]) -> list[str]:
             f"| {c['kl']:.3g} | {upper} | {c['perplexity_increase']:+.1%} "
             f"| {'pass' if c['passed'] else 'fail'} | {formats} |"
         )
+    ratios = sorted(c["kl"] / c["predicted_kl"] for c in search["candidates"] if c["predicted_kl"])
+    if ratios:
+        lines += [
+            "",
+            f"Additivity: measured / predicted KL of the candidates {ratios[0]:.2f}–"
+            f"{ratios[-1]:.2f} (median {ratios[len(ratios) // 2]:.2f}). Predictions sum per-group "
+            "KLs measured in isolation; the built candidate adds bf16 rounding and GPTQ's "
+            "sequential interactions, which the walk corrects for.",
+        ]
     uniform = ", ".join(f"{f} {_mb(b)}" for f, b in search["uniform_bytes"].items())
     lines += ["", f"Uniform formats for comparison (output layer in 16 bits): {uniform}."]
     rates = search.get("false_ships") or {}
@@ -320,4 +329,20 @@ def search_lines(search: dict[str, Any], plots: list[str]) -> list[str]:
             f"{rates['worst_case']['unconfirmed']:.1%}.",
         ]
     lines += [f"![search]({p})" for p in plots if "search" in p]
+    return lines + _allocation_table(search.get("allocation") or {})
+
+
+def _allocation_table(allocation: dict[str, str]) -> list[str]:
+    """The chosen format per layer group: one row per decoder layer, one column per group of
+    it; groups outside the decoder (the output layer) on rows of their own."""
+    rows: dict[str, dict[str, str]] = {}
+    for group, fmt in allocation.items():
+        layer, column = layer_and_column(group)
+        rows.setdefault(layer, {})[column] = fmt
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    if not rows:
+        return []
+    lines = ["", "| layer | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for layer, row in rows.items():
+        lines.append(f"| {layer} | " + " | ".join(row.get(c, "") for c in columns) + " |")
     return lines
