@@ -684,7 +684,10 @@ def write_chosen_recipe(recipe: Recipe, stages: Sequence[QuantizeConfig], path: 
     its quantize stage replaced and no `search` section."""
     data = recipe.to_dict()
     data.pop("search", None)
-    data["stages"] = [stage.model_dump(mode="json", exclude_none=True) for stage in stages]
+    data["stages"] = [
+        {"type": stage.type, **stage.model_dump(mode="json", exclude_none=True)}  # type first
+        for stage in stages
+    ]
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     load_recipe(path)  # what we wrote must be a valid recipe
     return path
