@@ -7,7 +7,9 @@ its bf16 baseline, per CPU path of `compress::dequant_matmul`.
 Rows: the bf16 baseline; the artifact (GPTQ-free INT4 g64 asymmetric, round to nearest: the
 path does not depend on how the integers were chosen) with the op's default dispatch (packed
 kernels up to `CPU_PACKED_MAX_ROWS` rows, dequantize → GEMM above); with the packed kernels at
-every row count (the dispatch before 2026-12-06); and with dequantize → GEMM everywhere.
+every row count (the dispatch before 2026-12-06); with dequantize → GEMM everywhere; and with
+the default dispatch inside `dense_weights_for_scoring` (dequantized copies kept while
+scoring), which the gate and `compress search` use.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def main() -> int:
             with mock.patch.dict(kernels.CPU_PACKED_MAX_ROWS, limits):
                 took = seconds_per_window(artifact, windows, args.repeats)
             out.write(f"| INT4 g64 | {name} | {seq_len} | {1e3 * took:.1f} | {took / base:.2f} |\n")
+        with kernels.dense_weights_for_scoring():  # what the gate and the search score with
+            took = seconds_per_window(artifact, windows, args.repeats)
+        out.write(
+            f"| INT4 g64 | default, dense copies while scoring (the gate) | {seq_len} | "
+            f"{1e3 * took:.1f} | {took / base:.2f} |\n"
+        )
         out.flush()
     return 0
 

@@ -77,6 +77,7 @@ from compress.evaluate.quality import (
 )
 from compress.evaluate.report import build_report, render_markdown
 from compress.fileio import atomic_write_json, atomic_write_text, user_path
+from compress.kernels import dense_weights_for_scoring
 from compress.lock import artifact_lock
 from compress.models import (
     ResolvedSource,
@@ -692,26 +693,27 @@ def score_artifact(
     weights_sha = read_manifest(layout.artifact)["files"][WEIGHTS]["sha256"]
     paths = {task.name: layout.artifact_eval(task.name) for task in recipe.eval.tasks}
     _discard_stale_artifact_scores(paths, weights_sha, layout)
-    quality = (
-        None
-        if baseline.quality is None
-        else measure_quality(model, baseline.quality.windows, baseline.quality)
-    )
-    if prepared.plans:
-        scores = evaluate_sequentially(
-            model,
-            tokenizer,
-            recipe,
-            prepared.data_dir,
-            prepared.plans,
-            baseline.tasks,
-            quality,
-            paths,
+    with dense_weights_for_scoring():  # prefill at the baseline's speed (kernels.py)
+        quality = (
+            None
+            if baseline.quality is None
+            else measure_quality(model, baseline.quality.windows, baseline.quality)
         )
-    else:
-        scores, _ = evaluate_cached(
-            model, tokenizer, recipe.eval, prepared.data_dir, paths, "artifact"
-        )
+        if prepared.plans:
+            scores = evaluate_sequentially(
+                model,
+                tokenizer,
+                recipe,
+                prepared.data_dir,
+                prepared.plans,
+                baseline.tasks,
+                quality,
+                paths,
+            )
+        else:
+            scores, _ = evaluate_cached(
+                model, tokenizer, recipe.eval, prepared.data_dir, paths, "artifact"
+            )
     return scores, quality
 
 

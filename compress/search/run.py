@@ -42,6 +42,7 @@ from compress.errors import VERDICT_EXIT, DataError, RecipeError
 from compress.evaluate.gate import Check, CheckResult, judge, quality_checks
 from compress.evaluate.quality import BaselineLogProbs, baseline_logprobs, measure_quality
 from compress.fileio import atomic_write_json, atomic_write_text
+from compress.kernels import dense_weights_for_scoring
 from compress.models import DTYPES, fingerprint, load_weights, resolve_source
 from compress.pipeline import (
     QUALITY_FIELD,
@@ -463,7 +464,8 @@ def evaluate_candidate(
     with the gate's rule, on the search windows."""
     start = time.perf_counter()
     built = build_candidate(model, job.stages, job.recipe, job.calibration)
-    quality = measure_quality(built, job.windows, baseline)
+    with dense_weights_for_scoring():
+        quality = measure_quality(built, job.windows, baseline)
     del built
     gate = job.recipe.gate
     checks = [check for _, _, check in quality_checks(gate, quality)]

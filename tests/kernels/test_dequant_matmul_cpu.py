@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from compress.kernels import CPU_PACKED_MAX_ROWS, cpu_int4_operands, cpu_kernel
+from compress.kernels import (
+    CPU_PACKED_MAX_ROWS,
+    cpu_int4_operands,
+    cpu_kernel,
+    dense_weights_for_scoring,
+)
 from compress.quant.config import PER_CHANNEL
 from compress.quant.linear import QuantLinear
 from compress.quant.packing import PackedWeight
@@ -134,6 +139,22 @@ def test_many_rows_take_dequantize_then_gemm(bits):
     assert not hasattr(packed.weight_packed, "_compress_operands")
     OP(*op_args(many[:2], packed, spec, 64))
     assert hasattr(packed.weight_packed, "_compress_operands")
+
+
+def test_scoring_keeps_dense_copies_bit_identical_and_drops_them_after():
+    spec = QuantSpec(4, 32, False)
+    gen = torch.Generator().manual_seed(0)
+    packed = rtn_quantize(torch.randn(64, 64, generator=gen), spec, torch.bfloat16)
+    many = torch.randn(CPU_PACKED_MAX_ROWS[4] + 1, 64, generator=gen).to(torch.bfloat16)
+    with cpu_kernel("reference"):
+        expected = OP(*op_args(many, packed, spec, 64))
+    with dense_weights_for_scoring():
+        first = OP(*op_args(many, packed, spec, 64))
+        copy = packed.weight_packed._compress_dense[1]
+        second = OP(*op_args(many, packed, spec, 64))
+        assert packed.weight_packed._compress_dense[1] is copy  # made once, reused
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert not hasattr(packed.weight_packed, "_compress_dense")  # memory given back
 
 
 def test_reference_check_catches_a_wrong_zero_point():
