@@ -378,6 +378,9 @@ def cpu_kernel(name: str) -> Iterator[None]:
 # (benchmarks/cpu_matmul.py --rows, AVX-512 EPYC, 2 threads, bf16): at 512 rows the packed INT4
 # path takes 2.0× the dense bf16 time and dequantize → linear 1.09×.
 CPU_PACKED_MAX_ROWS = {4: 128, 8: 64}
+# Rows up to which the packed kernels still beat a dense GEMM on an already dequantized weight
+# (benchmarks/cpu_matmul.py: at 8 rows they tie with dense bf16, at 32 dense is 1.4× faster).
+SCORING_PACKED_MAX_ROWS = 8
 # Weights holding a dense copy while `dense_weights_for_scoring` is active (None: inactive).
 _scoring: list[torch.Tensor] | None = None
 
@@ -471,11 +474,9 @@ def _dequant_matmul_cpu(
     args = (x, weight_packed, scale, zero_point, bits, group_size, in_features)
     states = (_state(weight_packed), _state(scale), x.dtype)
     rows = x.numel() // in_features if in_features > 0 else 0
-    packed_ok = (
-        _cpu_kernel == "packed"
-        and x.dtype in CPU_DTYPES
-        and 0 < rows <= CPU_PACKED_MAX_ROWS.get(bits, 0)
-    )
+    # While scoring, a kept dense copy beats the packed kernels from a few rows on.
+    limit = SCORING_PACKED_MAX_ROWS if _scoring is not None else CPU_PACKED_MAX_ROWS.get(bits, 0)
+    packed_ok = _cpu_kernel == "packed" and x.dtype in CPU_DTYPES and 0 < rows <= limit
     int4_ok = (
         group_size in CPU_INT4_GROUPS
         and weight_packed.ndim == 2
