@@ -10,11 +10,13 @@ Named steps, each in its own function:
    depends on, and reused with `--resume`. The Hessian proxy and its rank correlation go in the
    report beside it.
 3. **Front** (allocate.py): the Pareto front of (bytes, predicted KL).
-4. **Walk** (procedure.py): bisect the front; each probe builds the allocation for real with the
-   recipe's quantize stage (GPTQ where the recipe says so) and judges it by the gate's quality
-   budgets on the search windows.
+4. **Walk** (procedure.py): probe the front where the corrected prediction meets the budget
+   (safeguarded bisection); each probe builds the allocation for real with the recipe's quantize
+   stage (GPTQ where the recipe says so) and judges it by the gate's quality budgets on the
+   search windows. Sensitivity chunks and probes run in process or as Ray tasks (executor.py).
 5. **Confirm**: the smallest passing allocation becomes a recipe (`recipe.yaml` beside the
-   cache: the quantize stage with `overrides` and `exclude`), run by `compress run`'s pipeline:
+   cache: the quantize stage with `overrides` and `exclude`, and a round-to-nearest stage for
+   the output layer when it is quantized), run by `compress run`'s pipeline:
    built again, scored on the gate's windows and tasks, published under its verdict as usual,
    with the search's summary sealed into its report.
 """
