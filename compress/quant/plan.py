@@ -116,10 +116,15 @@ def _routers(model: nn.Module, prefix: str) -> set[str]:
     """Siblings of every experts module that score experts (experts.is_router)."""
     found = set()
     for name, module in model.named_modules():
-        if not (name.startswith(prefix) and experts.holds_3d_weights(module)):
+        if not name.startswith(prefix):
+            continue
+        if isinstance(module, QuantExperts):  # quantized by an earlier stage: still scored
+            num_experts = module.num_experts
+        elif experts.holds_3d_weights(module):
+            num_experts = next(p for p in module.parameters(recurse=False) if p.ndim == 3).shape[0]
+        else:
             continue
         parent_name = name.rpartition(".")[0]
-        num_experts = next(p for p in module.parameters(recurse=False) if p.ndim == 3).shape[0]
         for child, sibling in model.get_submodule(parent_name).named_children():
             if sibling is not module and experts.is_router(sibling, num_experts):
                 found.add(f"{parent_name}.{child}")

@@ -379,8 +379,9 @@ def allocation_stages(
     template: QuantizeConfig, groups: Sequence[LayerGroup], formats: Sequence[Format]
 ) -> list[QuantizeConfig]:
     """The quantize stages storing each group in its format. The decoder's groups: one stage,
-    the template with the most common integer format as its own, one override per other format
-    (exact layer names) and the groups kept in 16 bits in `exclude`. The output layer (a group
+    the template with one override per format other than its own (exact layer names) and the
+    groups kept in 16 bits in `exclude`; what the search does not choose for (MoE experts)
+    keeps the template's own scheme, as the recipe says. The output layer (a group
     outside the decoder, `head_group`), when quantized: a round-to-nearest stage of its own."""
     by_format: dict[Format, list[str]] = defaultdict(list)
     stages: list[QuantizeConfig] = []
@@ -395,21 +396,13 @@ def allocation_stages(
         if not stages:
             raise ValueError("an allocation that quantizes nothing")
         return stages
-    main = max(by_format, key=lambda f: len(by_format[f]))
+    own = Format(template.bits, template.group_size, template.symmetric)
     overrides = [
         LayerScheme(match=names, bits=f.bits, group_size=f.group_size, symmetric=f.symmetric)
         for f, names in by_format.items()
-        if f != main
+        if f != own
     ]
-    decoder = template.model_copy(
-        update={
-            "bits": main.bits,
-            "group_size": main.group_size,
-            "symmetric": main.symmetric,
-            "overrides": overrides,
-            "exclude": kept,
-        }
-    )
+    decoder = template.model_copy(update={"overrides": overrides, "exclude": kept})
     return [decoder, *stages]
 
 

@@ -156,3 +156,37 @@ def test_ray_tasks_give_the_local_search_its_tables(tmp_path, tiny_llama_dir, sc
     summary = json.loads((folder / SEARCH_REPORT).read_text())
     assert summary["false_ships"]["parallelism"] == 2
     assert len(summary["candidates"]) == 2  # one round: both judged at once
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "phi3", "gemma2"])
+def test_an_allocation_builds_on_other_families(family):
+    """Fused projections (Phi-3), soft-caps (Gemma 2) and MoE: each searched group takes its
+    format, the head gets its own stage, and experts (not searched) keep the template's scheme,
+    also when the head's stage runs after them."""
+    import torch
+
+    from compress.quant.config import QuantizeConfig
+    from compress.quant.experts import QuantExperts
+    from compress.registry import StageContext, handler_for
+    from compress.search.candidates import DEFAULT_FORMATS
+    from compress.search.run import allocation_stages
+    from compress.search.sensitivity import group_formats, layer_groups
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model(family, 256).to(torch.bfloat16)
+    groups = layer_groups(model, head=True)
+    chosen = [group_formats(model, g, DEFAULT_FORMATS)[i % 2] for i, g in enumerate(groups)]
+    template = QuantizeConfig(bits=4, group_size=32, symmetric=False)
+    for stage in allocation_stages(template, groups, chosen):
+        handler_for(stage).preflight(model, stage)
+        handler_for(stage).apply(model, stage, StageContext(dtype="bfloat16"))
+    specs = {n: m.spec for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for group, fmt in zip(groups, chosen, strict=True):
+        for layer in group.layers:
+            assert (specs[layer].bits, specs[layer].group_size) == (fmt.bits, fmt.group_size)
+    for module in model.modules():
+        if isinstance(module, QuantExperts):
+            spec = next(m.spec for m in module.modules() if isinstance(m, QuantLinear))
+            assert (spec.bits, spec.group_size) == (4, 32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9, 30]])).logits).all()

@@ -202,9 +202,14 @@ def test_an_allocation_becomes_one_stage_with_overrides_and_exclude():
     int8 = Format(8, PER_CHANNEL, True)
     template = QuantizeConfig(method="gptq", bits=4, group_size=32, observer="mse")
     decoder, head = allocation_stages(template, groups, [int4, int8, int4, KEEP_16, int8])
-    assert (decoder.bits, decoder.group_size, decoder.symmetric) == (4, 64, False)
+    # The template's own scheme stays (MoE experts, which the search does not choose for, take
+    # it); every searched format other than it is an override naming its layers.
+    assert (decoder.bits, decoder.group_size, decoder.symmetric) == (4, 32, True)
     assert decoder.method == "gptq" and decoder.observer == "mse"
-    assert [(o.match, o.bits, o.group_size) for o in decoder.overrides] == [(["l0.o"], 8, -1)]
+    assert [(o.match, o.bits, o.group_size) for o in decoder.overrides] == [
+        (["l0.q", "l0.k", "l0.v", "l1.q", "l1.k", "l1.v"], 4, 64),
+        (["l0.o"], 8, -1),
+    ]
     assert decoder.exclude == ["l1.o"]
     # GPTQ calibrates decoder layers only: the head is rounded to nearest in a stage of its own.
     assert (head.method, head.bits, head.include, head.observer) == ("rtn", 8, ["lm_head"], "mse")
