@@ -134,6 +134,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
             context_length=args.context_length,
             overwrite=args.overwrite,
         )
+    elif args.format == "gguf":
+        from compress.gguf.export import export_gguf
+
+        export_gguf(
+            Path(args.path), Path(out), tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite
+        )
     else:
         from compress.export import export_artifact
 
@@ -416,12 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="int-quantized: unpacked int8 codes that stock transformers with "
         "compressed-tensors loads even for asymmetric layers (see compress/export.py); onnx: "
         "an ONNX Runtime decoder with MatMulNBits layers and a KV cache, plus "
-        "genai_config.json (see compress/onnx/)",
+        "genai_config.json (see compress/onnx/); gguf: one model.gguf for llama.cpp with the "
+        "integer codes carried into Q4_0 / Q4_1 / Q8_0 blocks (see compress/gguf/)",
     )
     export.add_argument("path", help="artifact directory")
     export.add_argument("out", nargs="?", help="directory to write (or --out)")
     export.add_argument("--out", dest="out_option", metavar="DIR", help="directory to write")
-    export.add_argument("--format", required=True, choices=["int-quantized", "onnx"])
+    export.add_argument("--format", required=True, choices=["int-quantized", "onnx", "gguf"])
     export.add_argument(
         "--accuracy-level",
         type=int,
@@ -435,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="onnx: the longest sequence the export can run (default: the model's maximum, "
         "at most 4096)",
+    )
+    export.add_argument(
+        "--tokenizer-pre",
+        metavar="NAME",
+        help="gguf: llama.cpp's pre-tokenizer for a byte-level BPE vocabulary whose hash the "
+        "export does not know (e.g. llama-bpe, qwen2, smollm)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace `out` if it exists")
     export.set_defaults(handler=_cmd_export)

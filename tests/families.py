@@ -110,3 +110,16 @@ def save_tiny_family(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def sharpened(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Norm weights random around their identity; q/k scaled so attention is peaked (windows,
+    soft-capping and RoPE then change the logits by much more than rounding does)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                param.mul_(4.0)
+    return model

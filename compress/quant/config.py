@@ -104,6 +104,12 @@ class QuantizeConfig(Scheme):
         "shrunk (down to 0.8×) to the least quantization error, weighted by the Hessian "
         "diagonal under gptq",
     )
+    gguf_exact: bool = Field(
+        False,
+        description="round each scale up to 7 significant bits (and at least 2^-18) so that s "
+        "and s·z are exact in fp16: the GGUF export (Q4_0 / Q4_1 / Q8_0 keep d and m in fp16) "
+        "then carries every weight bit-exact instead of within fp16 rounding",
+    )
     include: list[Text] | None = Field(
         None,
         min_length=1,

@@ -30,9 +30,14 @@ log = logging.getLogger(__name__)
 _SUGGESTED_GROUP_SIZES = (16, 32, 64, 96, 128, 192, 256)
 
 
-def spec_of(config: QuantizeConfig | LayerScheme) -> QuantSpec:
+def spec_of(config: QuantizeConfig | LayerScheme, *, fp16_exact: bool = False) -> QuantSpec:
     """The stage's own scheme (or one override's) as the quantizer's type."""
-    return QuantSpec(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+    return QuantSpec(
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        fp16_exact=fp16_exact,
+    )
 
 
 def module_specs(config: QuantizeConfig, selection: Selection) -> dict[str, QuantSpec]:
@@ -40,7 +45,7 @@ def module_specs(config: QuantizeConfig, selection: Selection) -> dict[str, Quan
     else the stage's own. Raises PreflightError, naming the override, when a pattern matches no
     selected layer or two overrides match one layer."""
     names = [*selection.linears, *selection.experts]
-    specs = dict.fromkeys(names, spec_of(config))
+    specs = dict.fromkeys(names, spec_of(config, fp16_exact=config.gguf_exact))
     claimed: dict[str, int] = {}
     for index, override in enumerate(config.overrides):
         field = f"overrides.{index}.match"
@@ -59,7 +64,7 @@ def module_specs(config: QuantizeConfig, selection: Selection) -> dict[str, Quan
                     field=field,
                 )
             claimed[name] = index
-            specs[name] = spec_of(override)
+            specs[name] = spec_of(override, fp16_exact=config.gguf_exact)
     return specs
 
 

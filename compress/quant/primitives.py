@@ -11,7 +11,7 @@ Shapes: a weight is `(N, K)` (out_features, in_features); with `G = K / group_si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,9 @@ class QuantSpec:
     bits: int
     group_size: int  # PER_CHANNEL (-1) or a positive divisor of in_features
     symmetric: bool
+    # How scales are chosen, not how they are stored: excluded from equality so that a layer
+    # quantized this way is the same scheme as one loaded back from its artifact.
+    fp16_exact: bool = field(default=False, compare=False)
 
     @property
     def qmax(self) -> int:
@@ -72,6 +75,22 @@ def _round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(too_small, bumped, stored)
 
 
+# A scale with 7 significant bits times a zero point below 16 (4 bits) has at most 11: fp16's
+# precision. 2^-18 is the smallest such scale whose lowest bit (2^-24) fp16 still represents.
+FP16_EXACT_BITS = 7
+FP16_EXACT_MIN = 2.0**-18
+
+
+def round_up_fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """Positive scales rounded *up* to 7 significant bits and at least 2^-18 (float32): then s
+    and s·z (z < 16) are exact in fp16, bf16 and float32 alike (see `_round_up_to_dtype` for
+    why up)."""
+    s = scale.to(torch.float32).clamp_min(FP16_EXACT_MIN)
+    _, exponent = torch.frexp(s)  # s = mantissa · 2^exponent, mantissa in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(s), exponent - FP16_EXACT_BITS)
+    return torch.ceil(s / ulp) * ulp
+
+
 @dataclass(frozen=True)
 class RangeSearch:
     """The MSE observer: shrink each group's range and keep the grid with the least error.
@@ -88,19 +107,26 @@ class RangeSearch:
     norm: float = 2.4
 
 
+def _scale_for(step: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The stored scale for a wanted step: at least the dtype's smallest normal, rounded up."""
+    scale = _round_up_to_dtype(step.clamp_min(torch.finfo(scale_dtype).tiny), scale_dtype)
+    if spec.fp16_exact:
+        scale = round_up_fp16_exact(scale).to(scale_dtype)
+    return scale
+
+
 def _qparams_for_range(
     lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype
 ) -> QParams:
     """Scales and zero points whose grid spans [lo, hi] per group (lo ≤ 0 ≤ hi; symmetric
     specs use hi = absmax)."""
-    tiny = torch.finfo(scale_dtype).tiny
     if spec.symmetric:
         # Half the number of steps: the grid [-mid, mid - 1] covers ±absmax (the top value
         # rounds into the clamp by at most half a step), as in torchao and compressed-tensors.
-        scale = _round_up_to_dtype((hi / (spec.qmax / 2)).clamp_min(tiny), scale_dtype)
+        scale = _scale_for(hi / (spec.qmax / 2), spec, scale_dtype)
         zero = torch.full_like(scale, spec.mid, dtype=torch.int32)
     else:
-        scale = _round_up_to_dtype(((hi - lo) / spec.qmax).clamp_min(tiny), scale_dtype)
+        scale = _scale_for((hi - lo) / spec.qmax, spec, scale_dtype)
         zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, spec.qmax).to(torch.int32)
     return QParams(scale=scale, zero=zero)
 

@@ -29,7 +29,7 @@ from compress.errors import ArtifactError
 from compress.kernels import cpu_kernel
 from compress.quant.config import QuantizeConfig
 from compress.registry import StageContext, handler_for
-from tests.families import FAMILIES, family_config, tiny_family_model
+from tests.families import FAMILIES, family_config, sharpened, tiny_family_model
 
 pytest.importorskip("onnxruntime", reason="the onnx extra (onnxruntime) is not installed")
 
@@ -56,19 +56,6 @@ INT4 = [
 # logits: a cap of 5 does, so a missing one would show.
 OVERRIDES = {"gemma2": {"attn_logit_softcapping": 5.0}}
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(1, TOKENS))
-
-
-def sharpened(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Norm weights random around their identity; q/k scaled so attention is peaked (windows,
-    soft-capping and RoPE then change the logits by much more than rounding does)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
-                param.mul_(4.0)
-    return model
 
 
 def family_model(family: str, **overrides) -> torch.nn.Module:
