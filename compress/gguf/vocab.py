@@ -97,8 +97,6 @@ def _by_id(spec: dict[str, Any], n_vocab: int, where: Path) -> tuple[list[str], 
     for text, index in spec["model"]["vocab"].items():
         if index < n_vocab:
             tokens[index] = text
-            if _BYTE_TOKEN.fullmatch(text) and spec["model"].get("byte_fallback"):
-                types[index] = gguf.TokenType.BYTE
     for added in spec.get("added_tokens", []):
         index = added["id"]
         if index >= n_vocab:
@@ -111,12 +109,17 @@ def _by_id(spec: dict[str, Any], n_vocab: int, where: Path) -> tuple[list[str], 
             gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         )
     unk = spec["model"].get("unk_token")
+    byte_fallback = bool(spec["model"].get("byte_fallback"))
     for index, text in enumerate(tokens):
         if text is None:  # rows beyond the tokenizer (vocabularies padded to a multiple)
             tokens[index] = f"[PAD{index}]"
             types[index] = gguf.TokenType.UNUSED
         elif unk is not None and text == unk:
             types[index] = gguf.TokenType.UNKNOWN
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(text):
+            # <0xNN> pieces are bytes to the tokenizer, whether listed in the vocabulary or
+            # among the added tokens.
+            types[index] = gguf.TokenType.BYTE
     return [t for t in tokens if t is not None], [int(t) for t in types]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -329,3 +330,60 @@ def test_cli_writes_a_sealed_export(exported, tmp_path, caplog):
     assert manifest["export"]["architecture"] == "qwen3"
     assert (out / GGUF_FILE).stat().st_size == manifest["export"]["gguf_bytes"]
     assert "bit-exact" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A SentencePiece-style BPE vocabulary (as Llama 2's, Gemma's and Phi-3's tokenizer.json
+    are): `▁` for spaces, the 256 byte pieces in the vocabulary for byte fallback, merges
+    trained here on the text of compress's own sources."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    sources = sorted(Path(compress.__file__).parent.rglob("*.py"))
+    lines = [line for path in sources for line in path.read_text(encoding="utf-8").splitlines()]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    trained.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    pieces += sorted(learned["vocab"], key=learned["vocab"].get)
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+    backend = Tokenizer(
+        models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return LlamaTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_a_sentencepiece_vocabulary_round_trips(tmp_path, sentencepiece_tokenizer):
+    from transformers import AutoTokenizer
+
+    artifact = build_artifact(tmp_path / "art", "llama", sentencepiece_tokenizer)
+    export = export_gguf(artifact, tmp_path / "out")
+    fields = gguf.GGUFReader(export / GGUF_FILE).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[3 + 0x41] == gguf.TokenType.BYTE  # <0x41>
+    assert types[1] == gguf.TokenType.CONTROL  # <s>
+    # transformers rebuilds the merges from the scores: the same ids as the source tokenizer.
+    theirs = AutoTokenizer.from_pretrained(export, gguf_file=GGUF_FILE)
+    text = "The quick brown fox, 1234 naïve café — ünïcödé bytes: 漢字\n\tdef f(x):"
+    ours = sentencepiece_tokenizer(text)["input_ids"]
+    assert theirs(text)["input_ids"] == ours
+    assert 3 + "漢".encode()[0] in ours and 0 not in ours  # bytes, never <unk>
