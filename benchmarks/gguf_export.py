@@ -8,8 +8,9 @@ the benchmark virtualenv `scripts/build_llama_cpp.sh` builds (`_llama_cpp_driver
 Fidelity on held-out WikiText-2 windows: KL(bf16 baseline ‖ row) and top-1 agreement, and
 parity with `compress.load` (the artifact in torch): KL(compress.load ‖ llama.cpp) and, for the
 file itself without llama.cpp's arithmetic, KL(compress.load ‖ transformers reading the GGUF),
-both in float32 (`transformers-read`). Greedy: how many of llama.cpp's 64 tokens equal
-`compress.load`'s on the bench prompt.
+both in float32 (`transformers-read`). Greedy: how many of the 64 tokens ONNX Runtime and
+llama.cpp generate from 128 tokens of held-out text equal `compress.load`'s (bf16), up to the
+first difference.
 
     bash scripts/build_llama_cpp.sh      # once: .venv-llama (about 5 minutes on 2 cores)
     .venv/bin/python benchmarks/gguf_export.py \\
@@ -42,12 +43,14 @@ from compress.bench import (
     prompt_ids,
     tensor_bytes,
     timed_greedy,
+    timed_greedy_onnx,
 )
 from compress.calibration import evaluation_windows, load_text
 from compress.gguf.export import GGUF_FILE, export_gguf
 from compress.models import load_model, resolve_source
 from compress.onnx.export import export_onnx, write_onnx_model
 from compress.onnx.graph import ExportOptions
+from compress.onnx.runtime import OnnxCausalLM
 from compress.recipe import ModelConfig
 
 from _common import DEMO_SOURCE, REPO, SHARED_TEXT
@@ -64,8 +67,10 @@ def run_llama_cpp(
     prompt: torch.Tensor,
     windows: torch.Tensor | None,
     work: Path,
-) -> tuple[Speed, list[int], list[torch.Tensor]]:
-    """Speed, greedy tokens and (with `windows`) per-window logits of `model` in llama.cpp."""
+    greedy_prompt: torch.Tensor | None = None,
+) -> tuple[Speed, list[int] | None, list[torch.Tensor]]:
+    """Speed, greedy tokens of `greedy_prompt` and (with `windows`) per-window logits of
+    `model` in llama.cpp."""
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "prompt.npy", prompt.numpy())
     command = [
@@ -84,6 +89,9 @@ def run_llama_cpp(
         "--out",
         str(work / "result.json"),
     ]
+    if greedy_prompt is not None:
+        np.save(work / "greedy.npy", greedy_prompt.numpy())
+        command += ["--greedy-prompt", str(work / "greedy.npy")]
     if windows is not None:
         np.save(work / "windows.npy", windows.numpy())
         command += ["--windows", str(work / "windows.npy"), "--logits-dir", str(work / "logits")]
@@ -100,8 +108,8 @@ def run_llama_cpp(
     if windows is not None:
         for index in range(len(windows)):
             logits.append(torch.from_numpy(np.load(work / "logits" / f"window_{index}.npy")))
-    log.info("%s: %s", model, {k: v for k, v in result.items() if k != "tokens"})
-    return speed, result["tokens"], logits
+    log.info("%s: %s", model, {k: v for k, v in result.items() if "tokens" not in k})
+    return speed, result["greedy_tokens"], logits
 
 
 def transformers_read_logits(export: Path, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -126,6 +134,13 @@ def float32_reference(artifact: Path) -> torch.nn.Module:
             with torch.no_grad():
                 table.copy_(exact)
     return model
+
+
+def same_prefix(tokens: list[int], reference: list[int]) -> str:
+    """How many greedy tokens agree with the reference's before the first difference."""
+    pairs = enumerate(zip(tokens, reference, strict=True))
+    agree = next((i for i, (a, b) in pairs if a != b), len(reference))
+    return f"{agree}/{len(reference)}"
 
 
 def row(
@@ -187,41 +202,41 @@ def demo_table(args: argparse.Namespace, work: Path) -> list[str]:
     speed = Speed(**{**speed.to_dict(), "label": f"{original.name}: llama.cpp (the original file)"})
     lines.append(row(speed, bf16, None, bf16_size, fidelity(logits, windows, baseline_logits)))
 
+    text_prompt = windows[:1, : settings.prompt_tokens]  # greedy paths from real text
     for artifact in args.artifacts:
         reference = float32_reference(artifact)
         artifact_logits = torch_logits(reference, windows)
+        del reference
         with torch.inference_mode():
             _, _, ours = timed_greedy(
-                load_artifact(artifact, with_tokenizer=False)[0], prompt, settings.new_tokens
+                load_artifact(artifact, with_tokenizer=False)[0], text_prompt, settings.new_tokens
             )
         ours = ours[0].tolist()
-        del reference
         onnx_dir = export_onnx(artifact, work / f"{artifact.name}-onnx", context_length=length)
         ort = measure_onnx(
             onnx_dir, f"{artifact.name}: ORT INT4 export (accuracy_level 4)", settings
         )
         fid = fidelity(onnx_logits(onnx_dir, windows), windows, baseline_logits, artifact_logits)
-        lines.append(row(ort, bf16, ort, bf16_size, fid))
+        lm = OnnxCausalLM(onnx_dir, threads=torch.get_num_threads())
+        ort_tokens = timed_greedy_onnx(lm, text_prompt, settings.new_tokens)[2][0].tolist()
+        lines.append(row(ort, bf16, ort, bf16_size, fid, greedy=same_prefix(ort_tokens, ours)))
         export = export_gguf(artifact, work / f"{artifact.name}-gguf")
         manifest = json.loads((export / "manifest.json").read_text())["export"]
         read = fidelity(
             transformers_read_logits(export, windows), windows, baseline_logits, artifact_logits
         )
         speed, tokens, logits = run_llama_cpp(
-            export / GGUF_FILE, settings, prompt, windows, work / artifact.name
+            export / GGUF_FILE, settings, prompt, windows, work / artifact.name, text_prompt
         )
         speed = Speed(**{**speed.to_dict(), "label": f"{artifact.name}: GGUF export, llama.cpp"})
         fid = fidelity(logits, windows, baseline_logits, artifact_logits)
-        agree = next(
-            (i for i, (a, b) in enumerate(zip(tokens, ours, strict=True)) if a != b), len(ours)
-        )
         types = ", ".join(f"{n} {t}" for t, n in manifest["tensor_types"].items())
         rounding = manifest["fp16_rounding"]
         extra = (
             f"{read.kl_to_artifact:.2e} / {100 * read.top1_to_artifact:.1f}%; d/m rounding max "
             f"{rounding['max_steps']:.1e} steps ({types})"
         )
-        lines.append(row(speed, bf16, ort, bf16_size, fid, extra, f"{agree}/{len(ours)}"))
+        lines.append(row(speed, bf16, ort, bf16_size, fid, extra, same_prefix(tokens, ours)))
     return [
         f"\n{args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads. "
         "Speed: batch 1, "
@@ -231,7 +246,7 @@ def demo_table(args: argparse.Namespace, work: Path) -> list[str]:
         "| runtime | prefill tok/s | decode tok/s | decode × bf16 | decode × our ORT INT4 "
         "| size on disk (× bf16) | peak RSS (+) | KL / top-1 vs baseline "
         "| parity: KL / top-1 vs compress.load | transformers-read GGUF: KL / top-1 vs "
-        "compress.load (float32) | greedy = compress.load |",
+        "compress.load (float32) | greedy tokens = compress.load's (text prompt) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *lines,
     ]
