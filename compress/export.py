@@ -97,17 +97,39 @@ def _refuse_experts(source: Path, layers: list[str]) -> None:
         )
 
 
+def verified_source(source: Path, destination: Path, *, overwrite: bool) -> dict[str, Any]:
+    """Every export's first step: refuse the source itself or an existing destination (unless
+    `overwrite`), then verify the source artifact; returns its manifest."""
+    if destination.resolve() == source.resolve():
+        raise BadInputError(f"{destination}: export destination is the source artifact itself")
+    if destination.exists() and not overwrite:
+        raise BadInputError(f"{destination}: already exists (pass --overwrite to replace it)")
+    return verify_artifact(source)
+
+
+def export_manifest(
+    source: Path, manifest: dict[str, Any], fmt: str, **details: Any
+) -> dict[str, Any]:
+    """The export's own manifest fields: the source's (less what is not carried over) and an
+    `export` entry saying from which artifact, with which verdict, and how."""
+    fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
+    fields["export"] = {
+        "format": fmt,
+        "from": str(source),
+        "from_manifest_sha256": sha256_file(source / MANIFEST),
+        "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
+        **details,
+    }
+    return fields
+
+
 def export_artifact(
     source: Path, destination: Path, fmt: ExportFormat, *, overwrite: bool = False
 ) -> Path:
     """Verify `source`, then write it in `fmt` to `destination` (staged, renamed into place)."""
     if fmt not in EXPORT_FORMATS:
         raise BadInputError(f"--format: {fmt!r} is not one of {list(EXPORT_FORMATS)}")
-    if destination.resolve() == source.resolve():
-        raise BadInputError(f"{destination}: export destination is the source artifact itself")
-    if destination.exists() and not overwrite:
-        raise BadInputError(f"{destination}: already exists (pass --overwrite to replace it)")
-    manifest = verify_artifact(source)
+    manifest = verified_source(source, destination, overwrite=overwrite)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     qconfig = config.get("quantization_config")
     if not qconfig or qconfig.get("format") != PACKED_FORMAT:
@@ -130,13 +152,6 @@ def export_artifact(
         for name in REPORT_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
-        fields["export"] = {
-            "format": fmt,
-            "from": str(source),
-            "from_manifest_sha256": sha256_file(source / MANIFEST),
-            "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
-        }
-        seal_manifest(tmp, fields)
+        seal_manifest(tmp, export_manifest(source, manifest, fmt))
     log.info("exported %s as %s to %s (%d quantized layers)", source, fmt, destination, len(specs))
     return destination

@@ -32,17 +32,15 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from compress.artifact import (
-    MANIFEST,
-    NOT_CARRIED_BY_EXPORTS,
     PACKED_FORMAT,
     REPORT_FILES,
     WEIGHTS,
     layer_specs,
     seal_manifest,
-    verify_artifact,
 )
-from compress.errors import ArtifactError, BadInputError
-from compress.fileio import sha256_file, staging_dir
+from compress.errors import ArtifactError
+from compress.export import export_manifest, verified_source
+from compress.fileio import staging_dir
 from compress.gguf.blocks import BLOCK, BlockFormat, RoundingError, block_format, encode_blocks
 from compress.gguf.blocks import rounding_error as block_rounding_error
 from compress.gguf.layout import (
@@ -330,11 +328,7 @@ def export_gguf(
     """Verify the artifact, plan and check every tensor and the vocabulary, then write."""
     from transformers import AutoConfig
 
-    if destination.exists() and not overwrite:
-        raise BadInputError(f"{destination}: already exists (pass --overwrite to replace it)")
-    if destination.resolve() == source.resolve():
-        raise BadInputError(f"{destination}: export destination is the source artifact itself")
-    manifest = verify_artifact(source)
+    manifest = verified_source(source, destination, overwrite=overwrite)
     raw_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     qconfig = raw_config.get("quantization_config") or {}
     if qconfig and qconfig.get("format") != PACKED_FORMAT:
@@ -362,18 +356,16 @@ def export_gguf(
             if (source / report).is_file():
                 shutil.copy2(source / report, tmp / report)
         types = Counter(job.ggml_type.name for job in jobs)
-        fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
-        fields["export"] = {
-            "format": "gguf",
-            "from": str(source),
-            "from_manifest_sha256": sha256_file(source / MANIFEST),
-            "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
-            "architecture": arch_name(family),
-            "tensor_types": dict(sorted(types.items())),
-            "tokenizer": {"model": vocabulary.model, "pre": vocabulary.pre},
-            "fp16_rounding": rounding,
-            "gguf_bytes": (tmp / GGUF_FILE).stat().st_size,
-        }
+        fields = export_manifest(
+            source,
+            manifest,
+            "gguf",
+            architecture=arch_name(family),
+            tensor_types=dict(sorted(types.items())),
+            tokenizer={"model": vocabulary.model, "pre": vocabulary.pre},
+            fp16_rounding=rounding,
+            gguf_bytes=(tmp / GGUF_FILE).stat().st_size,
+        )
         seal_manifest(tmp, fields)
     log.info(
         "exported %s as GGUF (%s) to %s: %.1f MB, %s; d/m fp16 rounding: max %.2e, mean %.2e "

@@ -21,16 +21,15 @@ from torch import nn
 
 from compress.artifact import (
     MANIFEST,
-    NOT_CARRIED_BY_EXPORTS,
     PACKED_FORMAT,
     REPORT_FILES,
     WEIGHTS,
     load_artifact,
     seal_manifest,
-    verify_artifact,
 )
 from compress.errors import ArtifactError, BadInputError
-from compress.fileio import sha256_file, staging_dir
+from compress.export import export_manifest, verified_source
+from compress.fileio import staging_dir
 from compress.onnx.graph import (
     OPSET,
     ExportOptions,
@@ -166,11 +165,7 @@ def export_onnx(
     external_data_above: int = PROTOBUF_LIMIT_BYTES,
 ) -> Path:
     """Verify the artifact, check that the graph can express it, then write the export."""
-    if destination.exists() and not overwrite:
-        raise BadInputError(f"{destination}: already exists (pass --overwrite to replace it)")
-    if destination.resolve() == source.resolve():
-        raise BadInputError(f"{destination}: export destination is the source artifact itself")
-    manifest = verify_artifact(source)
+    manifest = verified_source(source, destination, overwrite=overwrite)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("format") != PACKED_FORMAT:
@@ -196,15 +191,7 @@ def export_onnx(
             if name not in _NOT_COPIED:
                 shutil.copy2(source / name, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        fields = {k: v for k, v in manifest.items() if k not in NOT_CARRIED_BY_EXPORTS}
-        fields["export"] = {
-            "format": "onnx",
-            "from": str(source),
-            "from_manifest_sha256": sha256_file(source / MANIFEST),
-            "from_verdict": (manifest.get("verdict") or {}).get("verdict"),
-            **graph,
-        }
-        seal_manifest(tmp, fields)
+        seal_manifest(tmp, export_manifest(source, manifest, "onnx", **graph))
     log.info(
         "exported %s as ONNX to %s (%.1f MB of weights, accuracy_level %d)",
         source,
