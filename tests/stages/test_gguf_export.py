@@ -387,3 +387,43 @@ def test_a_sentencepiece_vocabulary_round_trips(tmp_path, sentencepiece_tokenize
     ours = sentencepiece_tokenizer(text)["input_ids"]
     assert theirs(text)["input_ids"] == ours
     assert 3 + "漢".encode()[0] in ours and 0 not in ours  # bytes, never <unk>
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_pruned_artifact_exports(tmp_path, demo_tokenizer, family):
+    # Heads pruned to 2 of 4 (the permutation then runs over the kept heads), FFN halved, a
+    # layer removed; then INT4 g32 + the head in INT8, as a prune → quantize recipe leaves it.
+    from compress.prune.config import PruneConfig
+
+    model = sharpened(
+        tiny_family_model(
+            family,
+            len(demo_tokenizer),
+            bos_token_id=demo_tokenizer.bos_token_id,
+            eos_token_id=demo_tokenizer.eos_token_id,
+            **PARITY_OVERRIDES.get(family, {}),
+        )
+    )
+    windows = torch.randint(3, len(demo_tokenizer), (4, 32), generator=torch.Generator())
+    prune = PruneConfig(heads={"keep": 2}, ffn={"ratio": 0.5}, layers={"remove": 1})
+    context = StageContext(
+        dtype="float32", calibration_windows=lambda: windows, calibration_batch_size=2
+    )
+    handler_for(prune).apply(model, prune, context)
+    model = model.to(torch.bfloat16)
+    for config in (
+        QuantizeConfig(bits=4, group_size=32, symmetric=False, gguf_exact=True),
+        QuantizeConfig(bits=8, group_size=-1, symmetric=True, gguf_exact=True, include=["lm_head"]),
+    ):
+        handler_for(config).apply(model, config, StageContext(dtype="bfloat16"))
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 64
+    artifact = save_artifact(
+        model,
+        demo_tokenizer,
+        tmp_path / "art",
+        recipe_yaml="",
+        manifest_fields={"dtype": "bfloat16"},
+    )
+    export = export_gguf(artifact, tmp_path / "out")
+    _, _, expected, got = both_logits(artifact, export, ids(family, len(demo_tokenizer)))
+    assert float((got - expected).abs().max() / expected.abs().max()) < REL_TOLERANCE
