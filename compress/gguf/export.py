@@ -54,7 +54,7 @@ from compress.gguf.layout import (
     row_transform,
     write_hparams,
 )
-from compress.gguf.vocab import read_vocabulary, write_vocabulary
+from compress.gguf.vocab import Vocabulary, read_vocabulary, write_vocabulary
 from compress.quant.packing import unpack_weight, unpack_zero_points
 from compress.quant.primitives import QParams, QuantSpec, dequantize
 
@@ -145,7 +145,9 @@ def _quantized_job(
     )
 
 
-def _float_job(name: str, source: str, shape: list[int], dtype: torch.dtype, load) -> TensorJob:
+def _float_job(
+    name: str, source: str, shape: list[int], dtype: torch.dtype, load: Callable[[], torch.Tensor]
+) -> TensorJob:
     """A float tensor: 1-D (norms, biases) as F32, 2-D in its own dtype (BF16 as raw bytes)."""
     out_dtype = torch.float32 if len(shape) == 1 else dtype
     ggml_type = _FLOAT_TYPES[out_dtype]
@@ -279,7 +281,13 @@ def _summarize_rounding(errors: dict[str, RoundingError]) -> dict[str, Any]:
 
 
 def write_gguf(
-    path: Path, config: Any, family: Family, jobs: list[TensorJob], vocabulary, tokenizer, name: str
+    path: Path,
+    config: Any,
+    family: Family,
+    jobs: list[TensorJob],
+    vocabulary: Vocabulary,
+    tokenizer: Any,
+    name: str,
 ) -> dict[str, Any]:
     """Header, metadata and tensors, one tensor in memory at a time; returns the rounding
     summary of d and m."""
