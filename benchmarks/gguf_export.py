@@ -261,11 +261,10 @@ def families_table(work: Path) -> list[str]:
 
     from compress.artifact import save_artifact
     from compress.quant.config import QuantizeConfig
-    from compress.recipe import ModelConfig as _ModelConfig
     from compress.registry import StageContext, handler_for
     from tests.families import sharpened, tiny_family_model
 
-    resolved = resolve_source(_ModelConfig(source=DEMO_SOURCE))
+    resolved = resolve_source(ModelConfig(source=DEMO_SOURCE))
     tokenizer = AutoTokenizer.from_pretrained(resolved.location, gguf_file=resolved.gguf_file)
     stages = [
         QuantizeConfig(bits=4, group_size=32, symmetric=True, gguf_exact=True),

@@ -41,8 +41,14 @@ from compress.artifact import (
 from compress.errors import ArtifactError
 from compress.export import export_manifest, verified_source
 from compress.fileio import staging_dir
-from compress.gguf.blocks import BLOCK, BlockFormat, RoundingError, block_format, encode_blocks
-from compress.gguf.blocks import rounding_error as block_rounding_error
+from compress.gguf.blocks import (
+    BLOCK,
+    BlockFormat,
+    RoundingError,
+    block_format,
+    encode_blocks,
+    rounding_error,
+)
 from compress.gguf.layout import (
     Family,
     arch_name,
@@ -82,8 +88,7 @@ class TensorJob:
     ggml_type: gguf.GGMLQuantizationType
     byte_shape: tuple[int, ...]  # of the uint8 / float array `make` returns
     np_dtype: type
-    make: Callable[[], np.ndarray]
-    error: Callable[[], RoundingError] | None = None
+    make: Callable[[], tuple[np.ndarray, RoundingError | None]]  # bytes, and d/m rounding
 
     @property
     def nbytes(self) -> int:
@@ -112,27 +117,26 @@ def _read_layer(tensors: Any, layer: str, spec: QuantSpec) -> QuantizedLayer:
     return QuantizedLayer(codes=codes, scale=scale, zero=zero, spec=spec)
 
 
+def _rows_through(
+    layer: QuantizedLayer, rows: Callable[[torch.Tensor], torch.Tensor]
+) -> QuantizedLayer:
+    """The layer with its output rows reordered (codes, scales and zero points alike)."""
+    return QuantizedLayer(rows(layer.codes), rows(layer.scale), rows(layer.zero), layer.spec)
+
+
 def _quantized_job(
-    name: str, layer: str, shape: tuple[int, int], fmt: BlockFormat, load: Callable[[], Any]
+    name: str,
+    layer: str,
+    shape: tuple[int, int],
+    fmt: BlockFormat,
+    load: Callable[[], QuantizedLayer],
 ) -> TensorJob:
     n, k = shape
 
-    def transformed() -> QuantizedLayer:
-        stored, rows = load()
-        return QuantizedLayer(
-            codes=rows(stored.codes),
-            scale=rows(stored.scale),
-            zero=rows(stored.zero),
-            spec=stored.spec,
-        )
-
-    def make() -> np.ndarray:
-        q = transformed()
-        return encode_blocks(q.codes, q.scale, q.zero, q.spec).data
-
-    def error() -> RoundingError:
-        q = transformed()
-        return block_rounding_error(q.codes, q.scale, q.zero, q.spec)
+    def make() -> tuple[np.ndarray, RoundingError]:
+        q = load()
+        blocks = encode_blocks(q.codes, q.scale, q.zero, q.spec)
+        return blocks.data, rounding_error(q.codes, q.scale, q.zero, q.spec)
 
     return TensorJob(
         name=name,
@@ -141,7 +145,6 @@ def _quantized_job(
         byte_shape=(n, k // BLOCK * fmt.bytes_per_block),
         np_dtype=np.uint8,
         make=make,
-        error=error,
     )
 
 
@@ -152,11 +155,11 @@ def _float_job(
     out_dtype = torch.float32 if len(shape) == 1 else dtype
     ggml_type = _FLOAT_TYPES[out_dtype]
 
-    def make() -> np.ndarray:
+    def make() -> tuple[np.ndarray, None]:
         tensor = load().to(out_dtype).contiguous()
         if out_dtype == torch.bfloat16:
-            return tensor.view(torch.uint8).numpy()
-        return tensor.numpy()
+            return tensor.view(torch.uint8).numpy(), None
+        return tensor.numpy(), None
 
     if ggml_type == gguf.GGMLQuantizationType.BF16:
         byte_shape, np_dtype = (*shape[:-1], shape[-1] * 2), np.uint8
@@ -182,11 +185,10 @@ def _embeddings_are_head(handle: Any, spec: QuantSpec) -> bool:
 
 
 def plan_tensors(
-    source: Path, config: Any, family: Family, specs: dict[str, QuantSpec]
+    handle: Any, weights: Path, config: Any, family: Family, specs: dict[str, QuantSpec]
 ) -> list[TensorJob]:
-    """Every GGUF tensor, checked: refuses (naming the layer) what GGUF cannot hold."""
-    weights = source / WEIGHTS
-    handle = safe_open(str(weights), framework="pt")
+    """Every GGUF tensor of the open safetensors `handle` (the artifact's `weights`), checked:
+    refuses (naming the layer) what GGUF cannot hold. The jobs read from `handle` when made."""
     keys = list(handle.keys())
     name_map = gguf.get_tensor_name_map(family.arch, config.num_hidden_layers)
     shared = "lm_head" in specs and _embeddings_are_head(handle, specs["lm_head"])
@@ -210,8 +212,8 @@ def plan_tensors(
             raise ArtifactError(f"{weights}: layer {layer} ({spec.bits}-bit): {fmt}")
         rows = row_transform(config, family, layer)
 
-        def load(layer: str = layer, spec: QuantSpec = spec, rows=rows):
-            return _read_layer(handle, layer, spec), rows
+        def load(layer: str = layer, spec: QuantSpec = spec, rows=rows) -> QuantizedLayer:
+            return _rows_through(_read_layer(handle, layer, spec), rows)
 
         jobs.append(_quantized_job(named(f"{layer}.weight"), layer, (n, k), fmt, load))
 
@@ -246,7 +248,7 @@ def plan_tensors(
                 gguf.GGMLQuantizationType.F32,
                 factors.shape,
                 np.float32,
-                lambda: factors,
+                lambda: (factors, None),
             )
         )
     return jobs
@@ -307,12 +309,12 @@ def write_gguf(
     writer.write_ti_data_to_file()
     errors: dict[str, RoundingError] = {}
     for job in tqdm(jobs, desc="writing GGUF tensors", unit="tensor"):
-        data = job.make()
+        data, error = job.make()
         if data.shape != job.byte_shape:
             raise AssertionError(f"{job.source}: made {data.shape}, planned {job.byte_shape}")
         writer.write_tensor_data(data)
-        if job.error is not None:
-            errors[job.source] = job.error()
+        if error is not None:
+            errors[job.source] = error
     writer.close()
     return _summarize_rounding(errors)
 
@@ -347,34 +349,35 @@ def export_gguf(
     where = str(source / "config.json")
     family = family_of(config, where)
     check_expressible(config, family, where)
-    with safe_open(str(source / WEIGHTS), framework="pt") as handle:
-        names = handle.keys()
-    layers = [k.removesuffix(".weight_packed") for k in names if k.endswith(".weight_packed")]
-    specs = layer_specs(qconfig, layers) if qconfig else {}
-    jobs = plan_tensors(source, config, family, specs)
     tokenizer = _tokenizer(source)
-    n_vocab = int(config.vocab_size)
-    vocabulary = read_vocabulary(source, tokenizer, n_vocab, pre=tokenizer_pre)
+    vocabulary = read_vocabulary(source, tokenizer, int(config.vocab_size), pre=tokenizer_pre)
     name = str(manifest.get("name") or raw_config.get("_name_or_path") or source.name)
-
-    with staging_dir(destination) as tmp:
-        rounding = write_gguf(tmp / GGUF_FILE, config, family, jobs, vocabulary, tokenizer, name)
-        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", "utf-8")
-        for report in REPORT_FILES:
-            if (source / report).is_file():
-                shutil.copy2(source / report, tmp / report)
-        types = Counter(job.ggml_type.name for job in jobs)
-        fields = export_manifest(
-            source,
-            manifest,
-            "gguf",
-            architecture=arch_name(family),
-            tensor_types=dict(sorted(types.items())),
-            tokenizer={"model": vocabulary.model, "pre": vocabulary.pre},
-            fp16_rounding=rounding,
-            gguf_bytes=(tmp / GGUF_FILE).stat().st_size,
-        )
-        seal_manifest(tmp, fields)
+    weights = source / WEIGHTS
+    with safe_open(str(weights), framework="pt") as handle:
+        names = handle.keys()
+        layers = [k.removesuffix(".weight_packed") for k in names if k.endswith(".weight_packed")]
+        specs = layer_specs(qconfig, layers) if qconfig else {}
+        jobs = plan_tensors(handle, weights, config, family, specs)  # refusals: nothing written
+        with staging_dir(destination) as tmp:
+            rounding = write_gguf(
+                tmp / GGUF_FILE, config, family, jobs, vocabulary, tokenizer, name
+            )
+            (tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", "utf-8")
+            for report in REPORT_FILES:
+                if (source / report).is_file():
+                    shutil.copy2(source / report, tmp / report)
+            types = Counter(job.ggml_type.name for job in jobs)
+            fields = export_manifest(
+                source,
+                manifest,
+                "gguf",
+                architecture=arch_name(family),
+                tensor_types=dict(sorted(types.items())),
+                tokenizer={"model": vocabulary.model, "pre": vocabulary.pre},
+                fp16_rounding=rounding,
+                gguf_bytes=(tmp / GGUF_FILE).stat().st_size,
+            )
+            seal_manifest(tmp, fields)
     log.info(
         "exported %s as GGUF (%s) to %s: %.1f MB, %s; d/m fp16 rounding: max %.2e, mean %.2e "
         "steps (%s)",

@@ -85,9 +85,8 @@ def _rope(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
 
 
 def _layer_types(config: Any) -> list[str]:
-    return list(getattr(config, "layer_types", None) or ["full_attention"]) * (
-        1 if getattr(config, "layer_types", None) else config.num_hidden_layers
-    )
+    types = getattr(config, "layer_types", None)
+    return list(types) if types else ["full_attention"] * config.num_hidden_layers
 
 
 def context_length(config: Any, family: Family) -> int:

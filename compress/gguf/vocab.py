@@ -120,7 +120,7 @@ def _by_id(spec: dict[str, Any], n_vocab: int, where: Path) -> tuple[list[str], 
             # <0xNN> pieces are bytes to the tokenizer, whether listed in the vocabulary or
             # among the added tokens.
             types[index] = gguf.TokenType.BYTE
-    return [t for t in tokens if t is not None], [int(t) for t in types]
+    return [str(t) for t in tokens], [int(t) for t in types]
 
 
 def _merge_scores(spec: dict[str, Any], tokens: list[str]) -> list[float]:
